@@ -1,0 +1,222 @@
+"""The `ddetr` command line: train, eval, predict, bench, demo, data synth, build-ops.
+
+Each command lives in its own module under `ddetr_cli/commands/` as a plain Python function (the
+Python API, which `ddetr demo` reuses) plus a thin Typer command. This module wires them into one
+Typer app and owns the error contract every command follows:
+
+- a user error (bad path, bad option value, bad data or checkpoint) prints one red line naming
+  the problem and exits 2;
+- any other failure prints one red line with the reason and exits 1;
+- tracebacks only with -v; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+# Typer evaluates the annotations at run time: Optional[...] keeps the commands working on Python 3.9.
+# ruff: noqa: UP045
+import sys
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from ddetr_cli import __version__
+from ddetr_cli.commands import bench as bench_cmd
+from ddetr_cli.commands import evaluate as eval_cmd
+from ddetr_cli.commands import predict as predict_cmd
+from ddetr_cli.commands import train as train_cmd
+from ddetr_cli.console import UserError, err_console, error, is_verbose, set_verbosity
+
+GLOBAL_FLAGS = {"-v": "--verbose", "--verbose": "--verbose", "-q": "--quiet", "--quiet": "--quiet"}
+USER_ERROR_TYPES = ("UserError", "DataError", "CheckpointError")
+
+
+def _normalise_args(args: list[str]) -> list[str]:
+    """Let -v/-q appear anywhere (users put them last); give a bare `--resume` its 'auto' value."""
+    head, rest = [], []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg in GLOBAL_FLAGS:
+            head.append(GLOBAL_FLAGS[arg])
+            continue
+        rest.append(arg)
+        if arg == "--resume":
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("-"):
+                rest.append(train_cmd.RESUME_AUTO)
+    return head + rest
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, UserError) or any(t.__name__ in USER_ERROR_TYPES for t in type(exc).__mro__)
+
+
+class DdetrGroup(TyperGroup):
+    """The root command: runs the app and turns every outcome into the exit-code contract."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        code = 0
+        try:
+            rv = super().main(
+                args=_normalise_args(args),
+                prog_name=prog_name or "ddetr",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        except typer.Abort:
+            err_console.print("Aborted.")
+            code = 130
+        except Exception as exc:  # noqa: BLE001 - the single place every failure is reported
+            code = _report(exc)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _report(exc: BaseException) -> int:
+    click_exceptions = _click_exception_types()
+    if isinstance(exc, click_exceptions):  # usage errors: unknown option, bad value, missing argument
+        message = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error(f"{message}{hint}")
+        return int(getattr(exc, "exit_code", 2) or 2)
+    if is_verbose():
+        err_console.print_exception()
+    if _is_user_error(exc):
+        error(str(exc))
+        return 2
+    if isinstance(exc, MemoryError):
+        error("out of memory (try a smaller --batch-size or --imgsz)")
+        return 1
+    reason = str(exc) or type(exc).__name__
+    error(f"{type(exc).__name__}: {reason}" if not isinstance(exc, RuntimeError) else reason)
+    if not is_verbose():
+        err_console.print("[dim]Run again with -v for the traceback.[/dim]", soft_wrap=True)
+    return 1
+
+
+def _click_exception_types() -> tuple:
+    types = []
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:  # older Typer: plain click
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        types.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ddetr {__version__}")
+        raise typer.Exit()
+
+
+app = typer.Typer(
+    cls=DdetrGroup,
+    name="ddetr",
+    help="Deformable DETR: train, evaluate, predict and benchmark detectors.",
+    epilog=(
+        "Start with [bold]ddetr demo[/bold] (synthetic data, trains on a CPU in minutes). "
+        "Global flags -v/--verbose and -q/--quiet may be given anywhere."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More output; tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results, warnings and errors."),
+) -> None:
+    set_verbosity(verbose=verbose, quiet=quiet)
+
+
+def _epilog(examples: list[str]) -> str:
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  $ {e}" for e in examples)
+
+
+app.command("train", help=train_cmd.HELP, epilog=_epilog(train_cmd.EXAMPLES))(train_cmd.command)
+app.command("eval", help=eval_cmd.HELP, epilog=_epilog(eval_cmd.EXAMPLES))(eval_cmd.command)
+app.command("predict", help=predict_cmd.HELP, epilog=_epilog(predict_cmd.EXAMPLES))(predict_cmd.command)
+
+bench_app = typer.Typer(
+    help=bench_cmd.HELP,
+    epilog=_epilog(bench_cmd.EXAMPLES),
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app.callback(invoke_without_command=True)(bench_cmd.command)
+app.add_typer(bench_app, name="bench")
+
+data_app = typer.Typer(
+    help="Datasets: generate the synthetic one.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_app, name="data")
+
+
+# (group, command name, module under ddetr_cli/commands, function): written in their own issues.
+OPTIONAL_COMMANDS = (
+    ("ddetr", "demo", "demo", "demo"),
+    ("data", "synth", "synth", "synth"),
+    ("ddetr", "build-ops", "build_ops", "build_ops"),
+    ("bench", "op", "bench_op", "bench_op"),
+    ("bench", "loader", "bench_loader", "bench_loader"),
+)
+
+
+def _optional_command(module: str, function: str):
+    """(command function, its examples) from another helper's module; None while it does not exist yet."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"ddetr_cli.commands.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"ddetr_cli.commands.{module}":
+            raise  # the module exists but is broken: say so instead of hiding the command
+        return None
+    examples = getattr(mod, "EXAMPLES", None)
+    return getattr(mod, function), (_epilog(list(examples)) if examples else getattr(mod, "EPILOG", None))
+
+
+def _register_optional() -> None:
+    """Commands written in their own issues; each module may define EXAMPLES (a list of command lines)."""
+    groups = {"ddetr": app, "data": data_app, "bench": bench_app}
+    for group, name, module, function in OPTIONAL_COMMANDS:
+        found = _optional_command(module, function)
+        if found is not None:
+            groups[group].command(name, epilog=found[1])(found[0])
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console-script entry point (`ddetr`)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""COCO box evaluation: pycocotools' COCOeval, quiet, with validated inputs.
+
+The 12 numbers are exactly `COCOeval.stats` (AP at IoU .50:.95, .50, .75, small/medium/large, then
+AR at 1/10/100 detections and small/medium/large), in [0, 1], -1 where COCO has nothing to score.
+Per-class AP is the mean of the precision array over IoU thresholds and recall points for one
+category (area "all", 100 detections), as detectron2 reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+from ddetr_cli.console import UserError, warn
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def load_ground_truth(annotation_file: str | Path):
+    """A pycocotools `COCO` object for `annotation_file`, or a UserError naming what is wrong."""
+    from pycocotools.coco import COCO
+
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from e
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise UserError(f"{path}: not a COCO annotation file (no 'images' list)")
+    for key in ("annotations", "categories"):
+        if not isinstance(dataset.get(key, []), list):
+            raise UserError(f"{path}: '{key}' must be a list")
+    dataset.setdefault("annotations", [])
+    dataset.setdefault("categories", [])
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: malformed COCO annotations (missing or bad field {e})") from e
+    return coco
+
+
+def load_detections(path: str | Path) -> list:
+    """A COCO results file (a JSON list of detections), or a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"predictions file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            detections = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(detections, list):
+        raise UserError(f"{path}: a COCO results file must be a JSON list of detections")
+    return detections
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_detections(detections: list, gt, source: str) -> list:
+    """Validate COCO results against the ground truth; returns those whose category is scored.
+
+    A malformed entry or an image id that is not in the ground truth is a UserError naming the
+    entry. Detections of categories the ground truth does not have are dropped, as COCOeval
+    ignores them (an official 91-class COCO model can predict the unused ids).
+    """
+    image_ids = set(gt.getImgIds())
+    category_ids = set(gt.getCatIds())
+    kept, unknown_category = [], 0
+    for i, det in enumerate(detections):
+        if not isinstance(det, dict):
+            raise UserError(f"{source}: detection {i} is not an object")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in det:
+                raise UserError(f"{source}: detection {i} has no '{key}'")
+        if not isinstance(det["image_id"], int) or isinstance(det["image_id"], bool):
+            raise UserError(f"{source}: detection {i}: image_id must be an integer")
+        if det["image_id"] not in image_ids:
+            raise UserError(
+                f"{source}: detection {i}: image_id {det['image_id']} is not an image of the ground truth"
+            )
+        bbox = det["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise UserError(f"{source}: detection {i}: bbox must be [x, y, width, height] numbers")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise UserError(f"{source}: detection {i}: bbox has a negative width or height")
+        if not _is_number(det["score"]):
+            raise UserError(f"{source}: detection {i}: score must be a finite number")
+        if det["category_id"] not in category_ids:
+            unknown_category += 1
+            continue
+        kept.append(det)
+    if unknown_category and source != "model":
+        warn(f"{source}: {unknown_category} detections have category ids not in the ground truth; ignored")
+    return kept
+
+
+def per_class_ap(coco_eval) -> dict:
+    """{category id: AP} from an accumulated COCOeval (-1 for a category without ground truth)."""
+    precision = coco_eval.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M max-dets]
+    result = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        result[cat_id] = float(p.mean()) if p.size else -1.0
+    return result
+
+
+def evaluate_detections(gt, detections: list) -> dict:
+    """Run COCOeval (bbox) -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
+
+    `detections` must already have passed `check_detections`.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if detections:
+            dt = gt.loadRes(copy.deepcopy(detections))
+        else:
+            # loadRes cannot take an empty list; an empty result set scores 0 where there is ground truth.
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
+            dt.dataset["annotations"] = []
+            dt.createIndex()
+        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    metrics = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
+    metrics["per_class"] = class_name_keys(gt, per_class_ap(coco_eval))
+    return metrics
+
+
+def class_name_keys(gt, by_category_id: dict) -> dict:
+    """Re-key {category id: value} by category name (name + id where two categories share a name)."""
+    names = {cid: str(gt.cats[cid].get("name", cid)) for cid in by_category_id}
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        (names[cid] if counts[names[cid]] == 1 else f"{names[cid]} ({cid})"): value
+        for cid, value in by_category_id.items()
+    }
+
+
+def metrics_table(metrics: dict, title: str = "COCO bbox evaluation"):
+    """A Rich table of the 12 numbers."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    descriptions = {
+        "AP": "AP @[IoU=0.50:0.95]",
+        "AP50": "AP @[IoU=0.50]",
+        "AP75": "AP @[IoU=0.75]",
+        "APs": "AP small",
+        "APm": "AP medium",
+        "APl": "AP large",
+        "AR1": "AR @1 det",
+        "AR10": "AR @10 dets",
+        "AR100": "AR @100 dets",
+        "ARs": "AR small",
+        "ARm": "AR medium",
+        "ARl": "AR large",
+    }
+    for name in STAT_NAMES:
+        value = metrics[name]
+        table.add_row(f"{name:6s} {descriptions[name]}", "-" if value < 0 else f"{value:.4f}")
+    return table
+
+
+def per_class_table(per_class: dict):
+    from rich.table import Table
+
+    table = Table(title="Per-class AP", show_header=True, header_style="bold")
+    table.add_column("class")
+    table.add_column("AP", justify="right")
+    for name, value in per_class.items():
+        table.add_row(name, "-" if value < 0 else f"{value:.4f}")
+    return table

@@ -1,0 +1,407 @@
+"""`ddetr bench`: model inference speed: images/s, latency percentiles, per-stage times, and the
+multi-scale deformable attention backend in use against the PyTorch reference, in one run.
+
+Python API:
+    bench(weights=None, variant="plain", imgsz="800x1333", batch_size=1, device=None, amp="off",
+          warmup=3, iters=10, json_out="bench.json") -> report dict
+
+Timing: `warmup` untimed forward passes, then `iters` timed ones (forward + post-processing), with a
+CUDA synchronise before each clock read. The per-stage breakdown is a separate pass with forward
+hooks on the stage modules (exclusive times: a head called inside the decoder counts as head only),
+so its synchronisation does not slow the throughput figures.
+"""
+
+# Typer evaluates the annotations at run time: Optional[...] keeps the commands working on Python 3.9.
+# ruff: noqa: UP045
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddetr_cli.console import UserError, console, info, warn
+from ddetr_cli.distributed import Amp
+
+HELP = (
+    "Benchmark model inference: images/s, latency percentiles, per-stage breakdown, and the MSDA "
+    "backend against the PyTorch reference. Subcommands benchmark the op and the data loader."
+)
+EXAMPLES = [
+    "ddetr bench --variant plain --imgsz 800x1333 --device cuda --json bench.json",
+    "ddetr bench --weights runs/train/exp/weights/best.pt --device cpu --imgsz 320x480 --iters 20",
+    "ddetr bench --variant two-stage --amp bf16 --batch-size 2",
+    "ddetr bench --preset tiny --imgsz 192x224 --device cpu",
+]
+VARIANTS = ("plain", "box-refine", "two-stage")
+
+
+def parse_imgsz(text: str) -> tuple[int, int]:
+    """'800x1333' -> (800, 1333); '640' -> (640, 640)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 32:
+        raise UserError(f"--imgsz must be HxW (e.g. 800x1333) with sides >= 32, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def variant_config(variant: str) -> dict:
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return {"with_box_refine": variant in ("box-refine", "two-stage"), "two_stage": variant == "two-stage"}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def msda_backend(name: str | None):
+    """Force the MSDA backend (DDETR_MSDA) inside the block; None leaves the automatic choice."""
+    old = os.environ.get("DDETR_MSDA")
+    if name is None:
+        os.environ.pop("DDETR_MSDA", None)
+    else:
+        os.environ["DDETR_MSDA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DDETR_MSDA", None)
+        else:
+            os.environ["DDETR_MSDA"] = old
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of an ascending list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_inference(model, images, mask, device, amp, warmup: int, iters: int) -> dict:
+    """Latency statistics (ms) and images/s of forward + post-processing."""
+    import torch
+
+    from ddetr_cli.distributed import autocast
+    from ddetr_cli.model import postprocess
+
+    sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=device)
+    latencies = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            with autocast(device, amp):
+                out = model(images, mask)
+            postprocess(out, sizes)
+            _sync(device)
+            if i >= warmup:
+                latencies.append((time.perf_counter() - start) * 1000)
+    ordered = sorted(latencies)
+    mean = statistics.fmean(latencies)
+    return {
+        "images_per_s": images.shape[0] * 1000 / mean,
+        "latency_ms": {
+            "mean": mean,
+            "p50": _percentile(ordered, 50),
+            "p90": _percentile(ordered, 90),
+            "p99": _percentile(ordered, 99),
+            "min": ordered[0],
+            "max": ordered[-1],
+        },
+    }
+
+
+def stage_modules(model) -> dict[str, list]:
+    """Stage name -> the modules whose forward time belongs to it."""
+    import torch.nn as nn
+
+    def called(module):
+        # ModuleLists are never called themselves; their members are.
+        return list(module) if isinstance(module, nn.ModuleList) else [module]
+
+    stages = {"backbone": [model.backbone], "input_proj": called(model.input_proj)}
+    stages["encoder"] = [model.transformer.encoder]
+    stages["decoder"] = [model.transformer.decoder]
+    stages["heads"] = called(model.class_embed) + called(model.bbox_embed)
+    return stages
+
+
+def time_stages(model, images, mask, device, amp, iters: int) -> dict:
+    """Mean exclusive milliseconds per stage (backbone, input_proj, encoder, decoder, heads,
+    postprocess, other) over `iters` forward passes, measured with forward hooks."""
+    import torch
+
+    from ddetr_cli.distributed import autocast
+    from ddetr_cli.model import postprocess
+
+    totals: dict[str, float] = {}
+    stack: list[list] = []  # [stage, start, time spent in nested stages]
+    handles = []
+
+    def pre_hook(stage):
+        def hook(module, args):
+            _sync(device)
+            stack.append([stage, time.perf_counter(), 0.0])
+
+        return hook
+
+    def post_hook(module, args, output):
+        _sync(device)
+        stage, start, nested = stack.pop()
+        elapsed = time.perf_counter() - start
+        totals[stage] = totals.get(stage, 0.0) + elapsed - nested
+        if stack:
+            stack[-1][2] += elapsed
+
+    seen = set()
+    for stage, modules in stage_modules(model).items():
+        for module in modules:
+            if id(module) in seen:  # shared heads (plain variant) are hooked once
+                continue
+            seen.add(id(module))
+            handles.append(module.register_forward_pre_hook(pre_hook(stage)))
+            handles.append(module.register_forward_hook(post_hook))
+    sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=device)
+    forward_total = 0.0
+    try:
+        with torch.no_grad():
+            for _ in range(iters):
+                _sync(device)
+                start = time.perf_counter()
+                with autocast(device, amp):
+                    out = model(images, mask)
+                _sync(device)
+                forward_total += time.perf_counter() - start
+                start = time.perf_counter()
+                postprocess(out, sizes)
+                _sync(device)
+                totals["postprocess"] = totals.get("postprocess", 0.0) + time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    staged = sum(v for k, v in totals.items() if k != "postprocess")
+    totals["other"] = max(0.0, forward_total - staged)
+    order = ("backbone", "input_proj", "encoder", "decoder", "heads", "other", "postprocess")
+    return {k: totals.get(k, 0.0) * 1000 / iters for k in order}
+
+
+def bench(
+    weights: str | Path | None = None,
+    variant: str = "plain",
+    imgsz: str = "800x1333",
+    batch_size: int = 1,
+    device: str | None = None,
+    amp: str = "off",
+    warmup: int = 3,
+    iters: int = 10,
+    backbone: str = "resnet50",
+    model_options: dict | None = None,
+    compare_reference: bool = True,
+    json_out: str | Path | None = None,
+    show: bool = True,
+) -> dict:
+    """Benchmark inference of `weights` (or a randomly initialised `variant`) -> report dict."""
+    import torch
+
+    from ddetr_cli import ops
+    from ddetr_cli.distributed import resolve_device
+
+    height, width = parse_imgsz(imgsz)
+    if batch_size < 1 or warmup < 0 or iters < 1:
+        raise UserError("--batch-size and --iters must be >= 1, --warmup >= 0")
+    dev = resolve_device(device)
+    if weights is not None:
+        from ddetr_cli.commands.evaluate import load_weights
+
+        model = load_weights(weights, dev)
+        source = str(weights)
+    else:
+        from ddetr_cli.model import DeformableDetrConfig, build_model
+
+        try:
+            fields = {"backbone": backbone, **(model_options or {}), **variant_config(variant)}
+            config = DeformableDetrConfig(**fields)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        model = build_model(config).to(dev)
+        source = f"random {variant} {backbone}"
+    model.eval()
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, height, width, generator=generator).to(dev)
+    mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=dev)
+
+    info(f"Benchmarking {source} on {dev} at {height}x{width}, batch {batch_size}, amp {amp} ...")
+    with msda_backend(None):
+        timing = time_inference(model, images, mask, dev, amp, warmup, iters)
+        backend = ops.backend()
+        stages = time_stages(model, images, mask, dev, amp, max(1, min(iters, 5)))
+    backends = {backend: timing}
+    if compare_reference and backend != "reference":
+        with msda_backend("reference"):
+            backends["reference"] = time_inference(model, images, mask, dev, amp, warmup, iters)
+            if ops.backend() != "reference":
+                warn("could not switch the MSDA op to the reference backend; comparison dropped")
+                backends.pop("reference")
+
+    report = {
+        "model": {
+            "source": source,
+            "variant": "two-stage"
+            if config.two_stage
+            else ("box-refine" if config.with_box_refine else "plain"),
+            "backbone": config.backbone,
+            "num_queries": config.num_queries,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "imgsz": [height, width],
+        "batch_size": batch_size,
+        "amp": amp,
+        "warmup": warmup,
+        "iters": iters,
+        "msda_backend": backend,
+        **timing,
+        "backends": backends,
+        "stages_ms": stages,
+    }
+    if "reference" in backends and backend != "reference":
+        report["speedup_vs_reference"] = (
+            backends["reference"]["latency_ms"]["mean"] / timing["latency_ms"]["mean"]
+        )
+    if json_out is not None:
+        from ddetr_cli.commands.evaluate import write_json
+
+        write_json(json_out, report)
+    if show:
+        _print_report(report)
+        if json_out is not None:
+            info(f"JSON: {json_out}")
+    return report
+
+
+def _cpu_name() -> str:
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def _print_report(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"Inference: {report['model']['source']} on {report['device_name']}", header_style="bold"
+    )
+    for col in ("MSDA backend", "images/s", "mean ms", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(col, justify="right" if col != "MSDA backend" else "left")
+    for name, t in report["backends"].items():
+        lat = t["latency_ms"]
+        label = f"{name} (in use)" if name == report["msda_backend"] else name
+        table.add_row(
+            label,
+            f"{t['images_per_s']:.2f}",
+            f"{lat['mean']:.1f}",
+            f"{lat['p50']:.1f}",
+            f"{lat['p90']:.1f}",
+            f"{lat['p99']:.1f}",
+        )
+    console.print(table)
+    stages = Table(title="Per-stage time (ms per batch, exclusive)", header_style="bold")
+    stages.add_column("stage")
+    stages.add_column("ms", justify="right")
+    stages.add_column("share", justify="right")
+    total = sum(report["stages_ms"].values()) or 1.0
+    for name, ms in report["stages_ms"].items():
+        stages.add_row(name, f"{ms:.2f}", f"{100 * ms / total:.0f}%")
+    console.print(stages)
+    if "speedup_vs_reference" in report:
+        console.print(
+            f"MSDA {report['msda_backend']} vs reference: {report['speedup_vs_reference']:.2f}x end to end"
+        )
+
+
+def command(
+    ctx: typer.Context,
+    weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Checkpoint to benchmark."),
+    variant: str = typer.Option(
+        "plain", "--variant", help="Without --weights: a random-weight model, plain, box-refine or two-stage."
+    ),
+    backbone: str = typer.Option("resnet50", "--backbone", help="Without --weights: the backbone."),
+    imgsz: str = typer.Option("800x1333", "--imgsz", help="Input size HxW (or one number for square)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available)."
+    ),
+    amp: Amp = typer.Option(Amp.off, "--amp", help="Mixed precision."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed passes first."),
+    iters: int = typer.Option(10, "--iters", min=1, help="Timed passes."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Without --weights: a preset's model (e.g. tiny)."
+    ),
+    hidden_dim: Optional[int] = typer.Option(
+        None, "--hidden-dim", help="Without --weights: transformer width."
+    ),
+    enc_layers: Optional[int] = typer.Option(None, "--enc-layers", help="Without --weights: encoder layers."),
+    dec_layers: Optional[int] = typer.Option(None, "--dec-layers", help="Without --weights: decoder layers."),
+    num_queries: Optional[int] = typer.Option(
+        None, "--num-queries", help="Without --weights: object queries."
+    ),
+    no_reference: bool = typer.Option(False, "--no-reference", help="Skip the reference-backend comparison."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    model_options = {}
+    if preset is not None:
+        from ddetr_cli.commands.train import resolve_settings
+
+        model_options, _ = resolve_settings({"preset": preset})
+        backbone = model_options.pop("backbone", backbone)
+        if variant == "plain" and model_options.get("with_box_refine"):
+            variant = "two-stage" if model_options.get("two_stage") else "box-refine"
+    sizes = {
+        "hidden_dim": hidden_dim,
+        "enc_layers": enc_layers,
+        "dec_layers": dec_layers,
+        "num_queries": num_queries,
+    }
+    model_options.update({k: v for k, v in sizes.items() if v is not None})
+    bench(
+        model_options=model_options,
+        weights=weights,
+        variant=variant,
+        imgsz=imgsz,
+        batch_size=batch_size,
+        device=device,
+        amp=amp.value,
+        warmup=warmup,
+        iters=iters,
+        backbone=backbone,
+        compare_reference=not no_reference,
+        json_out=json_out,
+    )
