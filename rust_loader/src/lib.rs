@@ -1,4 +1,16 @@
 //! ddetr's data pipeline: COCO parsing, image decoding, DETR augmentations and batching.
+//!
+//! The core is plain Rust (`cargo test` needs no Python); `python.rs` is a thin PyO3 layer
+//! compiled only with the `python` feature (maturin turns it on).
+pub mod batch;
+pub mod coco;
+pub mod decode;
+pub mod error;
+pub mod pipeline;
+pub mod rng;
+pub mod transforms;
+
+pub use error::{LoaderError, Result};
 
 #[cfg(feature = "python")]
 mod python;

@@ -1,0 +1,91 @@
+"""Type stubs of the Rust extension `ddetr_cli._loader` (rust_loader/src/python.rs).
+
+Use `ddetr_cli.data` rather than this module directly.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class DataError(ValueError):
+    """Bad input data (annotation file, image file); the message names the file."""
+
+# (images f32 [B,3,H,W], mask bool [B,H,W], boxes f32 [M,4] cxcywh normalised, labels i64 [M],
+#  counts (boxes per image), image_ids, orig_sizes (h, w), sizes (h, w), paths, images buffer address)
+RawBatch = tuple[
+    npt.NDArray[np.float32],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.int64],
+    list[int],
+    list[int],
+    list[tuple[int, int]],
+    list[tuple[int, int]],
+    list[str],
+    int,
+]
+
+class BatchIter:
+    def __iter__(self) -> Iterator[RawBatch]: ...
+    def __next__(self) -> RawBatch: ...
+    def __len__(self) -> int: ...
+
+class CocoLoaderCore:
+    def __init__(
+        self,
+        images_dir: str,
+        annotation_file: str,
+        train: bool,
+        batch_size: int,
+        workers: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+        shuffle: bool | None = None,
+        label_mapping: str = "compact",
+        on_bad_image: str = "error",
+        scales: list[int] | None = None,
+        max_size: int = 1333,
+        val_size: int = 800,
+        crop_resize: list[int] | None = None,
+        crop_size: tuple[int, int] = (384, 600),
+        prefetch: int | None = None,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def num_images(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def category_ids(self) -> list[int]: ...
+    @property
+    def class_names(self) -> list[str]: ...
+    @property
+    def image_ids(self) -> list[int]: ...
+    def skipped(self) -> list[tuple[str, str]]: ...
+    def epoch(self, epoch: int) -> BatchIter: ...
+    def plan(self, epoch: int) -> list[list[int]]: ...
+    def sample(self, index: int, epoch: int) -> dict[str, Any]: ...
+
+class ImageListCore:
+    def __init__(
+        self,
+        paths: list[str],
+        batch_size: int,
+        workers: int = 2,
+        val_size: int = 800,
+        max_size: int = 1333,
+        prefetch: int | None = None,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def skipped(self) -> list[tuple[str, str]]: ...
+    def epoch(self) -> BatchIter: ...
+
+def decode_file(path: str) -> npt.NDArray[np.uint8]: ...
+def parse_annotations(path: str) -> dict[str, int]: ...
+def _rust_owned_array(n: int) -> tuple[npt.NDArray[np.float32], int]: ...

@@ -1,0 +1,409 @@
+//! The DETR augmentations, exactly as official `datasets/transforms.py` and
+//! `datasets/coco.py::make_coco_transforms` define them.
+//!
+//! Boxes are absolute `xyxy` in `f32` while transforms run (as the official torch tensors are) and
+//! become normalised `cxcywh` at the end (`Normalize`). Every random draw is made up front into a
+//! [`Decisions`] record, so a Python reference can replay exactly the same augmentation.
+use std::cell::RefCell;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+
+use crate::decode::RgbImage;
+use crate::rng::KeyedRng;
+
+/// Boxes (absolute `xyxy`) and their class indices.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Boxes {
+    pub xyxy: Vec<[f32; 4]>,
+    pub labels: Vec<i64>,
+}
+
+/// Settings of the train/val augmentations (defaults are the paper's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AugmentConfig {
+    /// Shorter sides of the multi-scale resize (train).
+    pub scales: Vec<u32>,
+    /// Longest side after resizing.
+    pub max_size: u32,
+    /// Shorter side at evaluation.
+    pub val_size: u32,
+    /// Shorter sides of the resize before the random crop.
+    pub crop_resize: Vec<u32>,
+    /// `RandomSizeCrop(min, max)` side range.
+    pub crop_size: (u32, u32),
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            scales: (0..11).map(|k| 480 + 32 * k).collect(),
+            max_size: 1333,
+            val_size: 800,
+            crop_resize: vec![400, 500, 600],
+            crop_size: (384, 600),
+        }
+    }
+}
+
+/// The random crop branch: resize the shorter side to `pre_size`, then crop `region`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropDecision {
+    pub pre_size: u32,
+    /// `(top, left, height, width)` in the image after the `pre_size` resize.
+    pub region: (u32, u32, u32, u32),
+}
+
+/// Every random choice of one training augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decisions {
+    pub flip: bool,
+    pub crop: Option<CropDecision>,
+    /// Shorter side of the final (multi-scale) resize, before the `max_size` cap.
+    pub size: u32,
+}
+
+/// Official `get_size_with_aspect_ratio`: output `(h, w)` for shorter side `size`, longer side
+/// capped at `max_size`. Python semantics kept: `round` is half-to-even, `int` truncates.
+pub fn get_size_with_aspect_ratio(w: u32, h: u32, size: u32, max_size: Option<u32>) -> (u32, u32) {
+    let mut size = size;
+    if let Some(max_size) = max_size {
+        let min_original = f64::from(w.min(h));
+        let max_original = f64::from(w.max(h));
+        if max_original / min_original * f64::from(size) > f64::from(max_size) {
+            size = (f64::from(max_size) * min_original / max_original).round_ties_even() as u32;
+        }
+    }
+    if (w <= h && w == size) || (h <= w && h == size) {
+        return (h, w);
+    }
+    if w < h {
+        (
+            ((f64::from(size) * f64::from(h)) / f64::from(w)) as u32,
+            size,
+        )
+    } else {
+        (
+            size,
+            ((f64::from(size) * f64::from(w)) / f64::from(h)) as u32,
+        )
+    }
+}
+
+/// Draws the official train augmentation's choices for an image of `w x h`:
+/// `RandomHorizontalFlip()`, then `RandomSelect(RandomResize(scales, max), Compose([
+/// RandomResize(crop_resize), RandomSizeCrop(min, max), RandomResize(scales, max)]))`.
+pub fn draw_train_decisions(rng: &mut KeyedRng, w: u32, h: u32, cfg: &AugmentConfig) -> Decisions {
+    let flip = rng.uniform() < 0.5;
+    let crop = if rng.uniform() < 0.5 {
+        None
+    } else {
+        let pre_size = rng.choice(&cfg.crop_resize);
+        let (ph, pw) = get_size_with_aspect_ratio(w, h, pre_size, None);
+        // random.randint(min_size, min(img.width, max_size)); images narrower than min_size
+        // (impossible with the default sizes) crop their full extent instead of raising.
+        let (lo, hi) = cfg.crop_size;
+        let cw = rng.randint(lo.min(pw), pw.min(hi).max(lo.min(pw)));
+        let ch = rng.randint(lo.min(ph), ph.min(hi).max(lo.min(ph)));
+        // T.RandomCrop.get_params: top in [0, H - h], left in [0, W - w].
+        let top = rng.randint(0, ph - ch);
+        let left = rng.randint(0, pw - cw);
+        Some(CropDecision {
+            pre_size,
+            region: (top, left, ch, cw),
+        })
+    };
+    let size = rng.choice(&cfg.scales);
+    Decisions { flip, crop, size }
+}
+
+/// Official `hflip`: mirrors the image and maps `x -> w - x`.
+pub fn hflip(image: &mut RgbImage, boxes: &mut Boxes) {
+    let w = image.width;
+    for row in image.data.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            let (a, b) = (x * 3, (w - 1 - x) * 3);
+            for c in 0..3 {
+                row.swap(a + c, b + c);
+            }
+        }
+    }
+    let wf = w as f32;
+    for b in &mut boxes.xyxy {
+        *b = [-b[2] + wf, b[1], -b[0] + wf, b[3]];
+    }
+}
+
+thread_local! {
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+/// Bilinear resize with Pillow's antialiasing (support widened when downscaling), the filter
+/// `torchvision.transforms.functional.resize` applies to PIL images.
+pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    if (out_w, out_h) == (image.width, image.height) {
+        return image.clone();
+    }
+    let src = ImageRef::new(
+        image.width as u32,
+        image.height as u32,
+        &image.data,
+        PixelType::U8x3,
+    )
+    .expect("RgbImage buffer matches its size");
+    let mut dst = Image::new(out_w as u32, out_h as u32, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
+        .expect("same pixel types");
+    RgbImage::new(out_w, out_h, dst.into_vec())
+}
+
+/// Official `resize(image, target, size, max_size)` for a scalar `size`.
+pub fn resize(image: &RgbImage, boxes: &mut Boxes, size: u32, max_size: Option<u32>) -> RgbImage {
+    let (w, h) = (image.width as u32, image.height as u32);
+    let (oh, ow) = get_size_with_aspect_ratio(w, h, size, max_size);
+    let out = resize_image(image, ow as usize, oh as usize);
+    // Ratios are Python floats, multiplied into float32 boxes.
+    let rw = (f64::from(ow) / f64::from(w)) as f32;
+    let rh = (f64::from(oh) / f64::from(h)) as f32;
+    for b in &mut boxes.xyxy {
+        *b = [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh];
+    }
+    out
+}
+
+/// Official `crop(image, target, (top, left, h, w))`: boxes shifted, clipped to the region and
+/// dropped when empty.
+pub fn crop(image: &RgbImage, boxes: &mut Boxes, region: (u32, u32, u32, u32)) -> RgbImage {
+    let (top, left, h, w) = (
+        region.0 as usize,
+        region.1 as usize,
+        region.2 as usize,
+        region.3 as usize,
+    );
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in top..top + h {
+        let start = (y * image.width + left) * 3;
+        data.extend_from_slice(&image.data[start..start + w * 3]);
+    }
+    let (jf, if_, wf, hf) = (left as f32, top as f32, w as f32, h as f32);
+    let mut kept = Boxes::default();
+    for (b, &label) in boxes.xyxy.iter().zip(&boxes.labels) {
+        let c = [
+            (b[0] - jf).min(wf).max(0.0),
+            (b[1] - if_).min(hf).max(0.0),
+            (b[2] - jf).min(wf).max(0.0),
+            (b[3] - if_).min(hf).max(0.0),
+        ];
+        if c[2] > c[0] && c[3] > c[1] {
+            kept.xyxy.push(c);
+            kept.labels.push(label);
+        }
+    }
+    *boxes = kept;
+    RgbImage::new(w, h, data)
+}
+
+/// Applies a training augmentation given its decisions.
+pub fn apply_train(
+    image: RgbImage,
+    boxes: &mut Boxes,
+    d: &Decisions,
+    cfg: &AugmentConfig,
+) -> RgbImage {
+    let mut image = image;
+    if d.flip {
+        hflip(&mut image, boxes);
+    }
+    if let Some(c) = d.crop {
+        image = resize(&image, boxes, c.pre_size, None);
+        image = crop(&image, boxes, c.region);
+    }
+    resize(&image, boxes, d.size, Some(cfg.max_size))
+}
+
+/// The evaluation transform: `RandomResize([val_size], max_size)`.
+pub fn apply_val(image: &RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> RgbImage {
+    resize(image, boxes, cfg.val_size, Some(cfg.max_size))
+}
+
+/// Official `Normalize` for boxes: `xyxy` absolute -> `cxcywh` divided by `(w, h, w, h)`.
+pub fn normalize_boxes(boxes: &Boxes, w: usize, h: usize) -> Vec<[f32; 4]> {
+    let (wf, hf) = (w as f32, h as f32);
+    boxes
+        .xyxy
+        .iter()
+        .map(|b| {
+            let cxcywh = [
+                (b[0] + b[2]) / 2.0,
+                (b[1] + b[3]) / 2.0,
+                b[2] - b[0],
+                b[3] - b[1],
+            ];
+            [
+                cxcywh[0] / wf,
+                cxcywh[1] / hf,
+                cxcywh[2] / wf,
+                cxcywh[3] / hf,
+            ]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: usize, h: usize) -> RgbImage {
+        let data = (0..h)
+            .flat_map(|y| (0..w).flat_map(move |x| [x as u8, y as u8, 7]))
+            .collect();
+        RgbImage::new(w, h, data)
+    }
+
+    fn one_box(b: [f32; 4]) -> Boxes {
+        Boxes {
+            xyxy: vec![b],
+            labels: vec![3],
+        }
+    }
+
+    #[test]
+    fn size_rule_matches_official_examples() {
+        // 640x480 -> shorter 800, longer 1066 (int truncation).
+        assert_eq!(
+            get_size_with_aspect_ratio(640, 480, 800, Some(1333)),
+            (800, 1066)
+        );
+        // Very wide: shorter side round(1333 * 200 / 1000) = 267; the longer side may then
+        // exceed max_size slightly (int(267 * 1000 / 200) = 1335), as in the official code.
+        assert_eq!(
+            get_size_with_aspect_ratio(1000, 200, 800, Some(1333)),
+            (267, 1335)
+        );
+        // Shorter side already equal: unchanged.
+        assert_eq!(
+            get_size_with_aspect_ratio(800, 1200, 800, Some(1333)),
+            (1200, 800)
+        );
+        // Portrait.
+        assert_eq!(get_size_with_aspect_ratio(480, 640, 512, None), (682, 512));
+        // Ties round to even like Python's round(): 5 * 1 / 2 = 2.5 -> 2 (not 3).
+        assert_eq!(get_size_with_aspect_ratio(2, 1, 3, Some(5)), (2, 4));
+    }
+
+    #[test]
+    fn hflip_mirrors_pixels_and_boxes() {
+        let mut img = gradient(5, 2);
+        let mut b = one_box([1.0, 0.0, 2.0, 1.0]);
+        hflip(&mut img, &mut b);
+        assert_eq!(img.pixel(0, 0), [4, 0, 7]);
+        assert_eq!(img.pixel(4, 1), [0, 1, 7]);
+        assert_eq!(b.xyxy[0], [3.0, 0.0, 4.0, 1.0]);
+    }
+
+    #[test]
+    fn resize_scales_boxes_and_keeps_constant_images_constant() {
+        let img = RgbImage::new(40, 30, vec![123; 40 * 30 * 3]);
+        let mut b = one_box([4.0, 3.0, 20.0, 15.0]);
+        let out = resize(&img, &mut b, 60, None);
+        assert_eq!((out.width, out.height), (80, 60));
+        assert!(out.data.iter().all(|&v| v == 123));
+        assert_eq!(b.xyxy[0], [8.0, 6.0, 40.0, 30.0]);
+        let same = resize(&out, &mut b, 60, None);
+        assert_eq!(same, out);
+    }
+
+    #[test]
+    fn downscale_is_antialiased_like_pillow() {
+        // Alternating columns: Pillow's antialiased bilinear averages them to ~mid grey, a
+        // plain two-tap bilinear would keep extremes.
+        let data = (0..8)
+            .flat_map(|_| (0..64).flat_map(|x| [if x % 2 == 0 { 0u8 } else { 255 }; 3]))
+            .collect();
+        let out = resize_image(&RgbImage::new(64, 8, data), 8, 1);
+        assert!(
+            out.data.iter().all(|&v| (120..=135).contains(&v)),
+            "{:?}",
+            out.data
+        );
+    }
+
+    #[test]
+    fn crop_clips_and_drops_boxes() {
+        let img = gradient(10, 10);
+        let mut b = Boxes {
+            xyxy: vec![
+                [1.0, 1.0, 4.0, 4.0],
+                [6.0, 6.0, 9.0, 9.0],
+                [0.0, 0.0, 1.5, 9.0],
+            ],
+            labels: vec![1, 2, 3],
+        };
+        let out = crop(&img, &mut b, (2, 3, 5, 4));
+        assert_eq!((out.width, out.height), (4, 5));
+        assert_eq!(out.pixel(0, 0), [3, 2, 7]);
+        assert_eq!(b.labels, vec![1, 2]);
+        assert_eq!(b.xyxy[0], [0.0, 0.0, 1.0, 2.0]);
+        assert_eq!(b.xyxy[1], [3.0, 4.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn normalize_gives_cxcywh_fractions() {
+        let n = normalize_boxes(&one_box([10.0, 20.0, 30.0, 60.0]), 100, 200);
+        assert_eq!(n[0], [0.2, 0.2, 0.2, 0.2]);
+    }
+
+    #[test]
+    fn decisions_respect_official_ranges() {
+        let cfg = AugmentConfig::default();
+        let (mut flips, mut crops) = (0, 0);
+        for i in 0..400 {
+            let d = draw_train_decisions(&mut KeyedRng::from_key(&[i]), 640, 480, &cfg);
+            assert!(cfg.scales.contains(&d.size));
+            flips += d.flip as u32;
+            if let Some(c) = d.crop {
+                crops += 1;
+                assert!(cfg.crop_resize.contains(&c.pre_size));
+                let (ph, pw) = get_size_with_aspect_ratio(640, 480, c.pre_size, None);
+                let (top, left, h, w) = c.region;
+                assert!((384..=600.min(pw)).contains(&w) && (384..=600.min(ph)).contains(&h));
+                assert!(top + h <= ph && left + w <= pw);
+            }
+        }
+        assert!(
+            (150..250).contains(&flips) && (150..250).contains(&crops),
+            "{flips} {crops}"
+        );
+    }
+
+    #[test]
+    fn train_and_val_outputs_have_official_sizes() {
+        let cfg = AugmentConfig::default();
+        let img = gradient(64, 48);
+        let mut b = one_box([0.0, 0.0, 64.0, 48.0]);
+        let d = Decisions {
+            flip: true,
+            crop: None,
+            size: 480,
+        };
+        let out = apply_train(img.clone(), &mut b, &d, &cfg);
+        assert_eq!((out.width, out.height), (640, 480));
+        assert_eq!(b.xyxy[0], [0.0, 0.0, 640.0, 480.0]);
+        let d = Decisions {
+            flip: false,
+            crop: Some(CropDecision {
+                pre_size: 400,
+                region: (0, 0, 384, 400),
+            }),
+            size: 512,
+        };
+        let mut b = one_box([0.0, 0.0, 64.0, 48.0]);
+        let out = apply_train(img.clone(), &mut b, &d, &cfg);
+        assert_eq!((out.width, out.height), (533, 512));
+        let mut b = one_box([0.0, 0.0, 64.0, 48.0]);
+        let out = apply_val(&img, &mut b, &cfg);
+        assert_eq!((out.width, out.height), (1066, 800));
+    }
+}
