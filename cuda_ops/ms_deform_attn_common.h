@@ -1,0 +1,56 @@
+// Host-side pieces shared by the CPU (.cpp) and CUDA (.cu) translation units: shape/dtype checks
+// and the operator schema. Only light ATen headers are included, to keep the JIT build short.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace ddetr_msda {
+
+// Sizes of one call, read from the checked inputs.
+struct Sizes {
+  int64_t batch, spatial, heads, channels;  // value [B, S, M, D]
+  int64_t queries, levels, points;          // sampling_locations [B, Q, M, L, K, 2]
+};
+
+// The accumulate dtype: float for float/half/bfloat16 values, double for double. Sampling locations
+// and attention weights are taken in this dtype (ddetr_cli.ops casts them) so that low-precision
+// values do not cost location precision: bf16 has 8 mantissa bits, i.e. ~0.4 px on a 167-wide map.
+inline c10::ScalarType accumulate_dtype(c10::ScalarType value_dtype) {
+  return value_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                          const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                          const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be [B, S, M, D], got ", value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "ms_deform_attn: sampling_locations must be [B, Q, M, L, K, 2], got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be [B, Q, M, L, K], got ",
+              attention_weights.sizes());
+  Sizes s{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
+          sampling_locations.size(3), sampling_locations.size(4)};
+  TORCH_CHECK(sampling_locations.size(0) == s.batch && sampling_locations.size(2) == s.heads,
+              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(), " does not match value ",
+              value.sizes());
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+              "ms_deform_attn: attention_weights ", attention_weights.sizes(), " does not match sampling_locations ",
+              sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == s.levels && spatial_shapes.size(1) == 2,
+              "ms_deform_attn: spatial_shapes must be [L, 2] with L = ", s.levels, ", got ", spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.levels,
+              "ms_deform_attn: level_start_index must be [L], got ", level_start_index.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == c10::kLong && level_start_index.scalar_type() == c10::kLong,
+              "ms_deform_attn: spatial_shapes and level_start_index must be int64");
+  const auto acc = accumulate_dtype(value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == acc && attention_weights.scalar_type() == acc,
+              "ms_deform_attn: for ", value.scalar_type(), " value, sampling_locations and attention_weights must be ",
+              acc, ", got ", sampling_locations.scalar_type(), " and ", attention_weights.scalar_type());
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
+    TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: all inputs must be on ", value.device(),
+                ", got one on ", t->device());
+  }
+  return s;
+}
+
+}  // namespace ddetr_msda

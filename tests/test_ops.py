@@ -1,0 +1,297 @@
+"""The compiled CPU deformable-attention kernel against the grid_sample reference, its operator
+registration (autograd, fake, torch.compile), dispatch, DDETR_MSDA and the build fallback.
+
+The first run compiles the kernel (~10-60 s) into the per-user cache; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ddetr_cli import ops, ops_build
+from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
+from ddetr_cli.ops_inputs import ENCODER_LEVELS, OpShape, make_inputs, standard_shapes
+
+SMALL = OpShape("small", ((6, 7), (3, 4), (1, 1)), queries=5, batch=2, heads=2, channels=3, points=2)
+# The encoder's structure (4 levels, M=8, D=32, K=4) on a 160x267 input instead of 800x1333.
+REDUCED = OpShape("reduced", ((20, 34), (10, 17), (5, 9), (3, 5)), queries=300, batch=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernel():
+    """The CPU kernel must build wherever the tests run (CI has a C++ compiler): fail, never skip."""
+    if not ops_build.load("cpu"):
+        pytest.fail(f"CPU kernel unavailable: {ops_build.unavailable_reason('cpu')}")
+
+
+@pytest.fixture(autouse=True)
+def no_forced_backend(monkeypatch):
+    monkeypatch.delenv("DDETR_MSDA", raising=False)
+
+
+def kernel(*inputs):
+    """The compiled operator called directly (no dispatch)."""
+    ms_deform_attn(*inputs)  # registers autograd/fake on first use
+    return torch.ops.ddetr.ms_deform_attn_forward(*inputs)
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    """fn's output and the gradients of <output, random grad> w.r.t. value, locations, weights."""
+    value, shapes, starts, loc, attn = (t.detach() for t in inputs)  # keeps strides and offsets
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    out = fn(value, shapes, starts, loc, attn)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+def assert_match(actual, expected, rtol=1e-5):
+    """Equal to `rtol` relative to each tensor's scale (grad of locations is ~W times larger)."""
+    for a, e, name in zip(actual, expected, ("output", "grad value", "grad locations", "grad weights")):
+        scale = e.abs().max().item() or 1.0
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_gradcheck_fp64_small_shapes():
+    inputs = make_inputs(SMALL, torch.float64, margin=0.3)
+    value, shapes, starts, loc, attn = inputs
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, lo, a: kernel(v, shapes, starts, lo, a), (value, loc, attn))
+
+
+@pytest.mark.parametrize("shape", [SMALL, REDUCED], ids=lambda s: s.name)
+def test_fp32_forward_backward_equal_reference(shape):
+    inputs = make_inputs(shape, torch.float32)
+    assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.slow
+def test_fp32_standard_encoder_shape_equals_reference():
+    inputs = make_inputs(standard_shapes(batch=1)[0], torch.float32)
+    assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_batch_sizes(batch):
+    shape = OpShape("b", ((7, 9), (4, 5)), queries=11, batch=batch, heads=4, channels=8, points=3)
+    inputs = make_inputs(shape, torch.float64, seed=batch)
+    assert_match(
+        outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs), 1e-10
+    )
+
+
+def test_edge_locations_borders_outside_and_1x1_levels():
+    """Points on the [0, 1] borders, exactly one pixel outside (pixel coordinate -1 or H, where only
+    the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes."""
+    shape = OpShape("edges", ((5, 3), (1, 1), (2, 7)), queries=1, batch=1, heads=2, channels=5, points=10)
+    value, shapes, starts, _, attn = make_inputs(shape, torch.float64)
+    per_level = []
+    for h, w in shape.levels:
+        xs = [0.0, 1.0, -0.5 / w, 1 + 0.5 / w, -3.0, 5.0, 0.5, 1.0, 0.0, 0.25]
+        ys = [0.0, 1.0, 0.5, 0.5, 0.5, 0.5, -0.5 / h, 1 + 0.5 / h, 1.0, -2.0]
+        per_level.append(torch.tensor([xs, ys], dtype=torch.float64).T)  # [K, 2]
+    loc = torch.stack(per_level).view(1, 1, 1, 3, 10, 2).expand(1, 1, 2, 3, 10, 2).contiguous()
+    inputs = (value, shapes, starts, loc, attn)
+    assert_match(
+        outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs), 1e-10
+    )
+
+
+def test_points_outside_give_zero_output_and_gradient():
+    value, shapes, starts, loc, attn = make_inputs(SMALL, torch.float64)
+    loc = torch.full_like(loc, 3.0)
+    out, grad_value, grad_loc, grad_attn = outputs_and_grads(kernel, (value, shapes, starts, loc, attn))
+    for t in (out, grad_value, grad_loc, grad_attn):
+        assert torch.count_nonzero(t) == 0
+
+
+def test_non_contiguous_inputs():
+    value, shapes, starts, loc, attn = make_inputs(REDUCED, torch.float32)
+    # The same numbers through transposed / strided views.
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_nc = torch.cat([loc, loc], dim=-1)[..., :2]
+    attn_nc = attn.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or attn_nc.is_contiguous())
+    expected = outputs_and_grads(ms_deform_attn_reference, (value, shapes, starts, loc, attn))
+    assert_match(outputs_and_grads(kernel, (value_nc, shapes, starts, loc_nc, attn_nc)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_value(dtype):
+    """Low-precision value, fp32 locations/weights: output in value's dtype, close to fp32 math."""
+    value, shapes, starts, loc, attn = make_inputs(REDUCED, torch.float32)
+    out = ms_deform_attn(value.to(dtype), shapes, starts, loc, attn)
+    assert out.dtype == dtype
+    expected = ms_deform_attn_reference(value.to(dtype).float(), shapes, starts, loc, attn)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    value_h = value.to(dtype).requires_grad_(True)
+    (grad_value,) = torch.autograd.grad(ms_deform_attn(value_h, shapes, starts, loc, attn).sum(), value_h)
+    assert grad_value.dtype == dtype
+
+
+def test_autocast_keeps_value_dtype_and_casts_weights():
+    value, shapes, starts, loc, attn = make_inputs(REDUCED, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = torch.nn.functional.linear(value, torch.eye(32))  # bf16 under autocast
+        out = ms_deform_attn(projected, shapes, starts, loc.to(torch.bfloat16), attn)
+    assert projected.dtype == out.dtype == torch.bfloat16
+    assert ops.backend() == "cpu"
+
+
+def test_dispatch_and_backend_names(monkeypatch):
+    inputs = make_inputs(SMALL, torch.float32)
+    ms_deform_attn(*inputs)
+    assert ops.backend() == "cpu"
+    monkeypatch.setenv("DDETR_MSDA", "reference")
+    torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
+    assert ops.backend() == "reference"
+    monkeypatch.setenv("DDETR_MSDA", "cpu")
+    ms_deform_attn(*inputs)
+    assert ops.backend() == "cpu"
+    monkeypatch.setenv("DDETR_MSDA", "cuda")
+    with pytest.raises(ValueError, match="DDETR_MSDA=cuda cannot run on cpu tensors"):
+        ms_deform_attn(*inputs)
+    monkeypatch.setenv("DDETR_MSDA", "fast")
+    with pytest.raises(ValueError, match="not one of reference, cpu, cuda"):
+        ms_deform_attn(*inputs)
+
+
+def test_failed_build_falls_back_to_reference_with_one_warning(monkeypatch, tmp_path, caplog):
+    """A compiler error must not reach the user: one warning, then the reference."""
+    broken = tmp_path / "cuda_ops"
+    broken.mkdir()
+    real = ops_build.sources_dir()
+    for name in ("ms_deform_attn_math.h", "ms_deform_attn_common.h"):
+        (broken / name).write_text((real / name).read_text())
+    (broken / "ms_deform_attn_cpu.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(ops_build, "sources_dir", lambda: broken)
+    monkeypatch.setattr(ops_build, "_state", {})
+    monkeypatch.setenv("DDETR_CACHE_DIR", str(tmp_path / "cache"))
+    inputs = make_inputs(SMALL, torch.float32)
+    with caplog.at_level(logging.WARNING, logger="ddetr"):
+        out = ms_deform_attn(*inputs)
+        ms_deform_attn(*inputs)
+    assert ops.backend() == "reference"
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs))
+    warnings = [r for r in caplog.records if r.name == "ddetr" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cpu kernel build failed" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    monkeypatch.setenv("DDETR_MSDA", "cpu")
+    with pytest.raises(RuntimeError, match="DDETR_MSDA=cpu but the cpu kernel is unavailable"):
+        ms_deform_attn(*inputs)
+
+
+def test_build_cache_is_reused():
+    built = ops_build.build_dir("cpu")
+    assert built.is_relative_to(ops_build.cache_root()) and list(built.glob("*.so"))
+    assert ops_build.build("cpu") == built  # already loaded: no rebuild
+    assert (ops_build.sources_dir() / "ms_deform_attn_cuda.cu").is_file()
+
+
+def test_cache_dir_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDETR_CACHE_DIR", str(tmp_path))
+    assert ops_build.build_dir("cpu").parent == tmp_path / "ops"
+    assert ops_build.build_dir("cpu").name.startswith(torch.__version__.replace("+", "_") + "-cpu-")
+
+
+def test_operator_registration_opcheck():
+    """PyTorch's own checks of a custom op: schema, autograd registration, fake tensor, AOT dispatch."""
+    value, shapes, starts, loc, attn = make_inputs(SMALL, torch.float32)
+    ms_deform_attn(value, shapes, starts, loc, attn)
+    args = (value.requires_grad_(True), shapes, starts, loc.requires_grad_(True), attn.requires_grad_(True))
+    # test_aot_dispatch_dynamic is left out: slow on CPU; torch.compile is tested below instead.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_forward.default, args, test_utils=checks)
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces through the op via its fake implementation (aot_eager: no codegen)."""
+    inputs = make_inputs(SMALL, torch.float32)
+    eager = outputs_and_grads(ms_deform_attn, inputs)
+    compiled = torch.compile(ms_deform_attn, backend="aot_eager", fullgraph=True)
+    assert_match(outputs_and_grads(compiled, inputs), eager)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_tracing_uses_reference_ops_only():
+    """ONNX export / torch.jit.trace must record standard ops, not the custom one."""
+    value, shapes, starts, loc, attn = make_inputs(SMALL, torch.float32)
+    traced = torch.jit.trace(lambda v, lo, a: ms_deform_attn(v, shapes, starts, lo, a), (value, loc, attn))
+    assert "ddetr::" not in str(traced.graph) and "grid_sampler" in str(traced.graph)
+    torch.testing.assert_close(
+        traced(value, loc, attn), ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    )
+
+
+def test_torch_export_uses_reference_ops_only():
+    """torch.export (and the ONNX exporter built on it) must not record the custom op."""
+    value, shapes, starts, loc, attn = make_inputs(SMALL, torch.float32)
+
+    class Attention(torch.nn.Module):
+        def forward(self, v, lo, a):
+            return ms_deform_attn(v, shapes, starts, lo, a)
+
+    exported = torch.export.export(Attention(), (value, loc, attn))
+    assert "ddetr" not in str(exported.graph) and "grid_sampler" in str(exported.graph)
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(exported.module()(value, loc, attn), expected)
+
+
+def test_bad_shapes_are_one_clear_error():
+    value, shapes, starts, loc, attn = make_inputs(SMALL, torch.float32)
+    with pytest.raises(RuntimeError, match="does not fit in value's S"):
+        kernel(value, shapes * 2, starts, loc, attn)
+    with pytest.raises(RuntimeError, match="attention_weights"):
+        kernel(value, shapes, starts, loc, attn[..., :1])
+    with pytest.raises(RuntimeError, match="must be Float, got Double"):
+        torch.ops.ddetr.ms_deform_attn_forward(value, shapes, starts, loc.double(), attn)
+
+
+def test_standard_shapes_are_the_papers():
+    encoder, decoder = standard_shapes(batch=2)
+    assert encoder.queries == 22223 and decoder.queries == 300 and encoder.levels == ENCODER_LEVELS
+    assert (encoder.heads, encoder.channels, len(encoder.levels), encoder.points, encoder.batch) == (
+        8,
+        32,
+        4,
+        4,
+        2,
+    )
+
+
+def test_bench_op_command_writes_table_and_json(tmp_path, capsys):
+    import json
+
+    from ddetr_cli.commands.bench_op import bench_op
+
+    out = tmp_path / "op.json"
+    bench_op(
+        shapes="decoder",
+        batch="1",
+        dtypes="float32",
+        device="cpu",
+        backends=None,
+        warmup=0,
+        repeats=1,
+        backward=True,
+        json_out=out,
+    )
+    report = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in report["results"]}
+    assert set(rows) == {"reference", "cpu"}
+    assert rows["reference"]["forward_speedup"] == 1.0
+    assert rows["cpu"]["forward_ms"] > 0 and rows["cpu"]["forward_backward_speedup"] > 0
+    printed = capsys.readouterr().out
+    assert "fwd+bwd ms" in printed and "x ref" in printed and "reference" in printed
+
+
+def test_build_ops_report_cpu():
+    from ddetr_cli.commands.build_ops import build_ops_report
+
+    report = build_ops_report(cuda=False)
+    assert report["cpu"]["ok"] and report["cpu"]["path"] == str(ops_build.build_dir("cpu"))
