@@ -22,8 +22,13 @@ from typer.core import TyperGroup
 
 from ddetr_cli import __version__
 from ddetr_cli.commands import bench as bench_cmd
+from ddetr_cli.commands import bench_loader as bench_loader_cmd
+from ddetr_cli.commands import bench_op as bench_op_cmd
+from ddetr_cli.commands import build_ops as build_ops_cmd
+from ddetr_cli.commands import demo as demo_cmd
 from ddetr_cli.commands import evaluate as eval_cmd
 from ddetr_cli.commands import predict as predict_cmd
+from ddetr_cli.commands import synth as synth_cmd
 from ddetr_cli.commands import train as train_cmd
 from ddetr_cli.console import UserError, err_console, error, is_verbose, set_verbosity
 
@@ -177,40 +182,15 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
-# (group, command name, module under ddetr_cli/commands, function): written in their own issues.
-OPTIONAL_COMMANDS = (
-    ("ddetr", "demo", "demo", "demo"),
-    ("data", "synth", "synth", "synth"),
-    ("ddetr", "build-ops", "build_ops", "build_ops"),
-    ("bench", "op", "bench_op", "bench_op"),
-    ("bench", "loader", "bench_loader", "bench_loader"),
-)
+def _register(group: typer.Typer, name: str, function, examples: list[str]) -> None:
+    group.command(name, epilog=_epilog(examples))(function)
 
 
-def _optional_command(module: str, function: str):
-    """(command function, its examples) from another helper's module; None while it does not exist yet."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"ddetr_cli.commands.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"ddetr_cli.commands.{module}":
-            raise  # the module exists but is broken: say so instead of hiding the command
-        return None
-    examples = getattr(mod, "EXAMPLES", None)
-    return getattr(mod, function), (_epilog(list(examples)) if examples else getattr(mod, "EPILOG", None))
-
-
-def _register_optional() -> None:
-    """Commands written in their own issues; each module may define EXAMPLES (a list of command lines)."""
-    groups = {"ddetr": app, "data": data_app, "bench": bench_app}
-    for group, name, module, function in OPTIONAL_COMMANDS:
-        found = _optional_command(module, function)
-        if found is not None:
-            groups[group].command(name, epilog=found[1])(found[0])
-
-
-_register_optional()
+_register(app, "demo", demo_cmd.demo, demo_cmd.EXAMPLES)
+_register(app, "build-ops", build_ops_cmd.build_ops, build_ops_cmd.EXAMPLES)
+_register(data_app, "synth", synth_cmd.synth, synth_cmd.EXAMPLES)
+_register(bench_app, "op", bench_op_cmd.bench_op, bench_op_cmd.EXAMPLES)
+_register(bench_app, "loader", bench_loader_cmd.bench_loader, bench_loader_cmd.EXAMPLES)
 
 
 def main() -> None:

@@ -56,10 +56,11 @@ def build_ops(
     ),
     force: bool = typer.Option(False, "--force", help="Delete the cached builds and compile from scratch."),
 ) -> None:
-    """Compile the multi-scale deformable attention kernels (CPU, and CUDA when available) into the
-    per-user cache ($DDETR_CACHE_DIR or ~/.cache/ddetr/ops), so the first model run does not pay the
-    compile time. Exits 1 if a requested kernel fails to build (the model would then fall back to
-    the PyTorch reference). With -v the compiler's commands and output are shown.
+    """Compile the deformable attention kernels (CPU, and CUDA when available) ahead of first use.
+
+    Builds go to the per-user cache ($DDETR_CACHE_DIR or ~/.cache/ddetr/ops), so the first model
+    run does not pay the compile time. Exits 1 if a requested kernel fails to build (the model
+    would then fall back to the PyTorch reference). With -v the compiler's output is shown.
     """
     info("Building the deformable-attention kernels (about 10-60 s the first time)...")
     report = build_ops_report(cuda=cuda, force=force, verbose=is_verbose())
