@@ -53,4 +53,12 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
   return s;
 }
 
+// The backward's incoming gradient: [B, Q, M*D] (any strides) of value's dtype and device.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Sizes& s) {
+  TORCH_CHECK(grad_output.numel() == s.batch * s.queries * s.heads * s.channels &&
+                  grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
+              "ms_deform_attn_backward: grad_output must be [B, Q, M*D] of value's dtype and device, got ",
+              grad_output.sizes(), " ", grad_output.scalar_type());
+}
+
 }  // namespace ddetr_msda

@@ -203,10 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& sampling_locations,
                                                             const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.numel() == s.batch * s.queries * s.heads * s.channels &&
-                  grad_output.scalar_type() == value.scalar_type(),
-              "ms_deform_attn_backward: grad_output must be [B, Q, M*D] of value's dtype, got ", grad_output.sizes(),
-              " ", grad_output.scalar_type());
+  check_grad_output(grad_output, value, s);
   const auto levels = read_levels(spatial_shapes, level_start_index, s.spatial);
   const auto go = grad_output.contiguous();
   const auto v = value.contiguous();
@@ -221,10 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
   });
-  auto grad_value = grad_value_acc.scalar_type() == value.scalar_type()
-                        ? grad_value_acc
-                        : grad_value_acc.to(value.scalar_type());
-  return {grad_value, grad_loc, grad_attn};
+  return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};  // no copy when the dtypes match
 }
 
 }  // namespace

@@ -271,10 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn_backward (CUDA): value must be a CUDA tensor");
-  TORCH_CHECK(grad_output.numel() == s.batch * s.queries * s.heads * s.channels &&
-                  grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
-              "ms_deform_attn_backward: grad_output must be [B, Q, M*D] of value's dtype and device, got ",
-              grad_output.sizes(), " ", grad_output.scalar_type());
+  check_grad_output(grad_output, value, s);
   const c10::cuda::CUDAGuard guard(value.device());
   const auto go = grad_output.contiguous();
   const auto v = value.contiguous();
@@ -311,10 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto grad_value = grad_value_acc.scalar_type() == value.scalar_type()
-                        ? grad_value_acc
-                        : grad_value_acc.to(value.scalar_type());
-  return {grad_value, grad_loc, grad_attn};
+  return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};  // no copy when the dtypes match
 }
 
 }  // namespace

@@ -20,20 +20,26 @@ from ddetr_cli.console import UserError, warn
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def read_json(path: Path, what: str):
+    """The parsed JSON of `path`, or a UserError naming the file (`what`: "annotation file", ...)
+    and the problem."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from e
+
+
 def load_ground_truth(annotation_file: str | Path):
     """A pycocotools `COCO` object for `annotation_file`, or a UserError naming what is wrong."""
     from pycocotools.coco import COCO
 
     path = Path(annotation_file)
-    if not path.is_file():
-        raise UserError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from e
+    dataset = read_json(path, "annotation file")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise UserError(f"{path}: not a COCO annotation file (no 'images' list)")
     for key in ("annotations", "categories"):
@@ -54,13 +60,7 @@ def load_ground_truth(annotation_file: str | Path):
 def load_detections(path: str | Path) -> list:
     """A COCO results file (a JSON list of detections), or a UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"predictions file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            detections = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    detections = read_json(path, "predictions file")
     if not isinstance(detections, list):
         raise UserError(f"{path}: a COCO results file must be a JSON list of detections")
     return detections

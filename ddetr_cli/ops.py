@@ -46,8 +46,11 @@ def ms_deform_attn_reference(
     level_start_index   [L]            offset of each level in S (unused here, kept for the signature)
     sampling_locations  [B, Q, M, L, K, 2]  (x, y) in [0, 1]
     attention_weights   [B, Q, M, L, K]
-    returns             [B, Q, M*D]
+    returns             [B, Q, M*D] in value's dtype
     """
+    # grid_sample wants one dtype: value's decides, as it decides the kernels' output dtype.
+    sampling_locations = sampling_locations.to(value.dtype)
+    attention_weights = attention_weights.to(value.dtype)
     B, _, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -81,13 +84,8 @@ def ms_deform_attn(
         name = _select_backend(value.device)
     _last_backend = name
     if name == "reference":
-        # grid_sample wants one dtype; the kernels' rule is that value's dtype decides.
         return ms_deform_attn_reference(
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations.to(value.dtype),
-            attention_weights.to(value.dtype),
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     return torch.ops.ddetr.ms_deform_attn_forward(

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import ddetr_cli
+from ddetr_cli.benchmarking import cpuinfo
 
 log = logging.getLogger("ddetr")
 
@@ -81,13 +82,7 @@ def _fingerprint(variant: str) -> str:
 
 def _cpu_flags() -> str:
     """The CPU's feature flags (what -march=native compiles for), from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpuinfo("flags") or platform.processor()
 
 
 def _visible_archs() -> list[str]:

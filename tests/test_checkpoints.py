@@ -16,6 +16,7 @@ import pickle
 import pytest
 import torch
 from hf_reference import VARIANTS, HFConfig, HFModel, hf_model, randomise
+from model_helpers import one_thread as one_thread  # autouse: one intra-op thread
 from torch import nn
 
 from ddetr_cli.model import DeformableDetrConfig, build_model
@@ -102,15 +103,6 @@ def official_args(hf: nn.Module) -> argparse.Namespace:
         lr_backbone=2e-5,
         output_dir="exps/r50_deformable_detr",
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,6 @@ Commands run through `typer.testing.CliRunner` on the real app (the same entry p
 `ddetr` console script) on the synthetic COCO fixture (real JPEGs, real instances JSON).
 """
 
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -17,28 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from typer.testing import CliRunner
+from cli_helpers import TINY_MODEL, ddetr, error_line, pycocotools_reference, runner
 
 from ddetr_cli import runs
 from ddetr_cli.cli import app
 from ddetr_cli.coco_eval import STAT_NAMES
-
-runner = CliRunner()
-
-
-def ddetr(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    """The red error line: exactly one non-empty line, starting with 'Error:'."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def fake_detections(ann_file, seed=0):
@@ -77,35 +57,27 @@ def fake_detections(ann_file, seed=0):
     return dets
 
 
-def pycocotools_reference(ann_file, dets):
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
-        dt = gt.loadRes(json.loads(json.dumps(dets)))
-        ev = COCOeval(gt, dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
-
-
 # --- help, version, global flags -------------------------------------------------------------
 
 
 def test_version_and_help_of_every_command():
     result = ddetr("--version")
     assert result.exit_code == 0 and result.stdout.startswith("ddetr ")
-    for command in ("train", "eval", "predict", "bench"):
-        result = ddetr(command, "--help")
-        assert result.exit_code == 0, result.output
+    commands = [
+        "train",
+        "eval",
+        "predict",
+        "bench",
+        "demo",
+        "build-ops",
+        "data synth",
+        "bench op",
+        "bench loader",
+    ]
+    for command in commands:
+        result = ddetr(*command.split(), "--help")
+        assert result.exit_code == 0, (command, result.output)
         assert "Examples" in result.stdout and f"ddetr {command}" in result.stdout
-    # commands from other modules, when they are installed, are registered under their names
-    from ddetr_cli import cli
-
-    for group, name, module, _ in cli.OPTIONAL_COMMANDS:
-        if importlib.util.find_spec(f"ddetr_cli.commands.{module}") is not None:
-            path = [name] if group == "ddetr" else [group, name]
-            result = ddetr(*path, "--help")
-            assert result.exit_code == 0, (path, result.output)
 
 
 def test_console_script_exit_codes(tmp_path):
@@ -354,12 +326,7 @@ def test_bench_json(tmp_path):
     out = tmp_path / "bench.json"
     result = ddetr(
         "bench",
-        "--backbone",
-        "tiny",
-        "--hidden-dim",
-        "32",
-        "--enc-layers",
-        "1",
+        *TINY_MODEL,
         "--dec-layers",
         "1",
         "--num-queries",

@@ -15,23 +15,14 @@ import sys
 import pytest
 import torch
 import yaml
-from test_cli import error_line, pycocotools_reference
-from typer.testing import CliRunner
+from cli_helpers import TINY_MODEL, ddetr, error_line, pycocotools_reference
 
-from ddetr_cli.cli import app
 from ddetr_cli.coco_eval import STAT_NAMES
 from ddetr_cli.runs import read_metrics_csv
 
-runner = CliRunner()
-
 # A tiny but complete model (multi-scale, two decoder layers so auxiliary losses exist), small images.
 TINY = [
-    "--backbone",
-    "tiny",
-    "--hidden-dim",
-    "32",
-    "--enc-layers",
-    "1",
+    *TINY_MODEL,
     "--dec-layers",
     "2",
     "--num-queries",
@@ -43,10 +34,6 @@ TINY = [
     "--log-interval",
     "1",
 ]
-
-
-def ddetr(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def train_args(data, project, name, epochs=2, batch_size=2):

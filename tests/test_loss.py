@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
+import model_helpers
 import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from model_helpers import one_thread as one_thread  # autouse: one intra-op thread
 
-from ddetr_cli.model import DeformableDetrConfig, build_criterion, build_model, param_groups
+from ddetr_cli.model import build_criterion, build_model, param_groups
 from ddetr_cli.model.box_ops import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
@@ -20,15 +23,6 @@ from ddetr_cli.model.box_ops import (
 )
 from ddetr_cli.model.criterion import sigmoid_focal_loss
 from ddetr_cli.model.matcher import HungarianMatcher
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -170,22 +164,10 @@ def test_focal_loss_matches_the_direct_formula_and_official_normalisation():
     torch.testing.assert_close(loss, direct.mean(1).sum() / num_boxes * logits.shape[1])
 
 
-def tiny_config(**overrides) -> DeformableDetrConfig:
-    settings = dict(
-        backbone="tiny",
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=3,
-        dim_feedforward=64,
-        enc_n_points=2,
-        dec_n_points=2,
-        num_queries=8,
-        num_classes=4,
-        dropout=0.0,
-    )
-    settings.update(overrides)
-    return DeformableDetrConfig(**settings)
+# One encoder layer is enough here; three decoder layers give two auxiliary outputs.
+tiny_config = functools.partial(
+    model_helpers.tiny_config, enc_layers=1, dec_layers=3, num_queries=8, num_classes=4, dropout=0.0
+)
 
 
 def test_criterion_terms_and_weighted_total():

@@ -34,6 +34,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_model, randomise
+from model_helpers import one_thread as one_thread  # autouse: one intra-op thread
 from torch import nn
 
 from ddetr_cli.model import build_criterion, load_model
@@ -61,15 +62,6 @@ HF_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # deviation 1
 TARGET_SIZES = {"crowded_empty_few": [12, 0, 3], "no_objects": [0, 0, 0]}
 LOSS_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_RTOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,13 @@ import math
 import pytest
 import torch
 import torchvision
+from model_helpers import one_thread as one_thread  # autouse: one intra-op thread
+from model_helpers import tiny_config
 
 from ddetr_cli.model import DeformableDetrConfig, build_criterion, build_model, param_groups, postprocess
 from ddetr_cli.model.backbone import FrozenBatchNorm2d
 from ddetr_cli.model.encoder import DeformableEncoder
 from ddetr_cli.model.position_encoding import PositionEmbeddingSine
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 VARIANTS = {
     "plain": {},
@@ -29,23 +21,6 @@ VARIANTS = {
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "single_scale": {"num_feature_levels": 1},
 }
-
-
-def tiny_config(**overrides) -> DeformableDetrConfig:
-    settings = dict(
-        backbone="tiny",
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=2,
-        dec_layers=2,
-        dim_feedforward=64,
-        enc_n_points=2,
-        dec_n_points=2,
-        num_queries=12,
-        num_classes=5,
-    )
-    settings.update(overrides)
-    return DeformableDetrConfig(**settings)
 
 
 def padded_batch(height: int = 96, width: int = 128):

@@ -10,14 +10,14 @@ import logging
 
 import pytest
 import torch
+from op_helpers import REDUCED, assert_match, edge_locations, kernel, outputs_and_grads
+from op_helpers import no_forced_backend as no_forced_backend  # autouse: DDETR_MSDA unset
 
 from ddetr_cli import ops, ops_build
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_cli.ops_inputs import ENCODER_LEVELS, OpShape, make_inputs, standard_shapes
 
 SMALL = OpShape("small", ((6, 7), (3, 4), (1, 1)), queries=5, batch=2, heads=2, channels=3, points=2)
-# The encoder's structure (4 levels, M=8, D=32, K=4) on a 160x267 input instead of 800x1333.
-REDUCED = OpShape("reduced", ((20, 34), (10, 17), (5, 9), (3, 5)), queries=300, batch=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,35 +25,6 @@ def cpu_kernel():
     """The CPU kernel must build wherever the tests run (CI has a C++ compiler): fail, never skip."""
     if not ops_build.load("cpu"):
         pytest.fail(f"CPU kernel unavailable: {ops_build.unavailable_reason('cpu')}")
-
-
-@pytest.fixture(autouse=True)
-def no_forced_backend(monkeypatch):
-    monkeypatch.delenv("DDETR_MSDA", raising=False)
-
-
-def kernel(*inputs):
-    """The compiled operator called directly (no dispatch)."""
-    ms_deform_attn(*inputs)  # registers autograd/fake on first use
-    return torch.ops.ddetr.ms_deform_attn_forward(*inputs)
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    """fn's output and the gradients of <output, random grad> w.r.t. value, locations, weights."""
-    value, shapes, starts, loc, attn = (t.detach() for t in inputs)  # keeps strides and offsets
-    for t in (value, loc, attn):
-        t.requires_grad_(True)
-    out = fn(value, shapes, starts, loc, attn)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.to(out.dtype))
-    return (out.detach(), *grads)
-
-
-def assert_match(actual, expected, rtol=1e-5):
-    """Equal to `rtol` relative to each tensor's scale (grad of locations is ~W times larger)."""
-    for a, e, name in zip(actual, expected, ("output", "grad value", "grad locations", "grad weights")):
-        scale = e.abs().max().item() or 1.0
-        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gradcheck_fp64_small_shapes():
@@ -90,13 +61,7 @@ def test_edge_locations_borders_outside_and_1x1_levels():
     the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes."""
     shape = OpShape("edges", ((5, 3), (1, 1), (2, 7)), queries=1, batch=1, heads=2, channels=5, points=10)
     value, shapes, starts, _, attn = make_inputs(shape, torch.float64)
-    per_level = []
-    for h, w in shape.levels:
-        xs = [0.0, 1.0, -0.5 / w, 1 + 0.5 / w, -3.0, 5.0, 0.5, 1.0, 0.0, 0.25]
-        ys = [0.0, 1.0, 0.5, 0.5, 0.5, 0.5, -0.5 / h, 1 + 0.5 / h, 1.0, -2.0]
-        per_level.append(torch.tensor([xs, ys], dtype=torch.float64).T)  # [K, 2]
-    loc = torch.stack(per_level).view(1, 1, 1, 3, 10, 2).expand(1, 1, 2, 3, 10, 2).contiguous()
-    inputs = (value, shapes, starts, loc, attn)
+    inputs = (value, shapes, starts, edge_locations(shape), attn)
     assert_match(
         outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs), 1e-10
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_helpers import REDUCED, assert_match, edge_locations, kernel, outputs_and_grads
+from op_helpers import no_forced_backend as no_forced_backend  # autouse: DDETR_MSDA unset
 
 from ddetr_cli import ops, ops_build
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
@@ -17,7 +19,6 @@ pytestmark = [
 ]
 
 SMALL = OpShape("small", ((6, 7), (3, 4), (1, 1)), queries=5, batch=2, heads=2, channels=4, points=2)
-REDUCED = OpShape("reduced", ((20, 34), (10, 17), (5, 9), (3, 5)), queries=300, batch=2)
 # Tolerance relative to each tensor's scale, per value dtype.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -28,38 +29,10 @@ def cuda_kernel():
         pytest.fail(f"CUDA kernel unavailable: {ops_build.unavailable_reason('cuda')}")
 
 
-@pytest.fixture(autouse=True)
-def no_forced_backend(monkeypatch):
-    monkeypatch.delenv("DDETR_MSDA", raising=False)
-
-
-def kernel(*inputs):
-    ms_deform_attn(*inputs)  # registers autograd/fake on first use
-    return torch.ops.ddetr.ms_deform_attn_forward(*inputs)
-
-
 def reference(value, shapes, starts, loc, attn):
     """The reference in float64 (the ground truth for every dtype), cast back to value's dtype."""
     out = ms_deform_attn_reference(value.double(), shapes, starts, loc.double(), attn.double())
     return out.to(value.dtype)
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    value, shapes, starts, loc, attn = (t.detach() for t in inputs)  # keeps strides and offsets
-    for t in (value, loc, attn):
-        t.requires_grad_(True)
-    out = fn(value, shapes, starts, loc, attn)
-    gen = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-    grads = torch.autograd.grad(out, (value, loc, attn), grad_out)
-    return (out.detach(), *grads)
-
-
-def assert_match(actual, expected, rtol):
-    for a, e, name in zip(actual, expected, ("output", "grad value", "grad locations", "grad weights")):
-        a, e = a.double(), e.double()
-        scale = e.abs().max().item() or 1.0
-        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def cuda_inputs(shape, dtype, **kwargs):
@@ -104,13 +77,7 @@ def test_channel_counts(channels):
 def test_edge_locations_borders_outside_and_1x1_levels():
     shape = OpShape("edges", ((5, 3), (1, 1), (2, 7)), queries=1, batch=1, heads=2, channels=8, points=10)
     value, shapes, starts, _, attn = cuda_inputs(shape, torch.float64)
-    per_level = []
-    for h, w in shape.levels:
-        xs = [0.0, 1.0, -0.5 / w, 1 + 0.5 / w, -3.0, 5.0, 0.5, 1.0, 0.0, 0.25]
-        ys = [0.0, 1.0, 0.5, 0.5, 0.5, 0.5, -0.5 / h, 1 + 0.5 / h, 1.0, -2.0]
-        per_level.append(torch.tensor([xs, ys], dtype=torch.float64).T)
-    loc = torch.stack(per_level).view(1, 1, 1, 3, 10, 2).expand(1, 1, 2, 3, 10, 2).contiguous().cuda()
-    inputs = (value, shapes, starts, loc, attn)
+    inputs = (value, shapes, starts, edge_locations(shape).cuda(), attn)
     assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(reference, inputs), 1e-10)
 
 

@@ -25,6 +25,9 @@ from typing import Optional
 
 import typer
 
+from ddetr_cli.benchmarking import device_name, percentile, synchronize
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION
+from ddetr_cli.commands.train import resolve_settings, variant_config
 from ddetr_cli.console import UserError, console, info, warn
 from ddetr_cli.distributed import Amp
 
@@ -38,7 +41,6 @@ EXAMPLES = [
     "ddetr bench --variant two-stage --amp bf16 --batch-size 2",
     "ddetr bench --preset tiny --imgsz 192x224 --device cpu",
 ]
-VARIANTS = ("plain", "box-refine", "two-stage")
 
 
 def parse_imgsz(text: str) -> tuple[int, int]:
@@ -55,44 +57,22 @@ def parse_imgsz(text: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def variant_config(variant: str) -> dict:
-    if variant not in VARIANTS:
-        raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    return {"with_box_refine": variant in ("box-refine", "two-stage"), "two_stage": variant == "two-stage"}
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def msda_backend(name: str | None):
     """Force the MSDA backend (DDETR_MSDA) inside the block; None leaves the automatic choice."""
+
+    def force(backend: str | None) -> None:
+        if backend is None:
+            os.environ.pop("DDETR_MSDA", None)
+        else:
+            os.environ["DDETR_MSDA"] = backend
+
     old = os.environ.get("DDETR_MSDA")
-    if name is None:
-        os.environ.pop("DDETR_MSDA", None)
-    else:
-        os.environ["DDETR_MSDA"] = name
+    force(name)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("DDETR_MSDA", None)
-        else:
-            os.environ["DDETR_MSDA"] = old
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated percentile of an ascending list."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+        force(old)
 
 
 def time_inference(model, images, mask, device, amp, warmup: int, iters: int) -> dict:
@@ -106,12 +86,12 @@ def time_inference(model, images, mask, device, amp, warmup: int, iters: int) ->
     latencies = []
     with torch.no_grad():
         for i in range(warmup + iters):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             with autocast(device, amp):
                 out = model(images, mask)
             postprocess(out, sizes)
-            _sync(device)
+            synchronize(device)
             if i >= warmup:
                 latencies.append((time.perf_counter() - start) * 1000)
     ordered = sorted(latencies)
@@ -120,9 +100,9 @@ def time_inference(model, images, mask, device, amp, warmup: int, iters: int) ->
         "images_per_s": images.shape[0] * 1000 / mean,
         "latency_ms": {
             "mean": mean,
-            "p50": _percentile(ordered, 50),
-            "p90": _percentile(ordered, 90),
-            "p99": _percentile(ordered, 99),
+            "p50": percentile(ordered, 50),
+            "p90": percentile(ordered, 90),
+            "p99": percentile(ordered, 99),
             "min": ordered[0],
             "max": ordered[-1],
         },
@@ -158,13 +138,13 @@ def time_stages(model, images, mask, device, amp, iters: int) -> dict:
 
     def pre_hook(stage):
         def hook(module, args):
-            _sync(device)
+            synchronize(device)
             stack.append([stage, time.perf_counter(), 0.0])
 
         return hook
 
     def post_hook(module, args, output):
-        _sync(device)
+        synchronize(device)
         stage, start, nested = stack.pop()
         elapsed = time.perf_counter() - start
         totals[stage] = totals.get(stage, 0.0) + elapsed - nested
@@ -184,15 +164,15 @@ def time_stages(model, images, mask, device, amp, iters: int) -> dict:
     try:
         with torch.no_grad():
             for _ in range(iters):
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 with autocast(device, amp):
                     out = model(images, mask)
-                _sync(device)
+                synchronize(device)
                 forward_total += time.perf_counter() - start
                 start = time.perf_counter()
                 postprocess(out, sizes)
-                _sync(device)
+                synchronize(device)
                 totals["postprocess"] = totals.get("postprocess", 0.0) + time.perf_counter() - start
     finally:
         for handle in handles:
@@ -273,7 +253,7 @@ def bench(
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": device_name(dev),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "imgsz": [height, width],
@@ -299,16 +279,6 @@ def bench(
         if json_out is not None:
             info(f"JSON: {json_out}")
     return report
-
-
-def _cpu_name() -> str:
-    import platform
-
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def _print_report(report: dict) -> None:
@@ -354,10 +324,8 @@ def command(
     backbone: str = typer.Option("resnet50", "--backbone", help="Without --weights: the backbone."),
     imgsz: str = typer.Option("800x1333", "--imgsz", help="Input size HxW (or one number for square)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available)."
-    ),
-    amp: Amp = typer.Option(Amp.off, "--amp", help="Mixed precision."),
+    device: Optional[str] = DEVICE_OPTION,
+    amp: Amp = AMP_OPTION,
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed passes first."),
     iters: int = typer.Option(10, "--iters", min=1, help="Timed passes."),
     preset: Optional[str] = typer.Option(
@@ -378,8 +346,6 @@ def command(
         return
     model_options = {}
     if preset is not None:
-        from ddetr_cli.commands.train import resolve_settings
-
         model_options, _ = resolve_settings({"preset": preset})
         backbone = model_options.pop("backbone", backbone)
         if variant == "plain" and model_options.get("with_box_refine"):

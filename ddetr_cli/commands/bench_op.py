@@ -16,15 +16,12 @@ are against the reference at the same shape, batch and dtype, measured in the sa
 
 from __future__ import annotations
 
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ddetr_cli.benchmarking import device_name, median_ms
 from ddetr_cli.console import UserError, console, info
 
 EXAMPLES = [
@@ -39,52 +36,13 @@ DTYPES.update({"bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64",
 DEVICE_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")}
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def _op_for(backend: str):
     """A callable (value, shapes, starts, loc, attn) -> out that runs exactly `backend`."""
     import torch
 
     from ddetr_cli import ops
 
-    if backend == "reference":
-
-        def reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-            # grid_sample wants one dtype: locations and weights in value's, as ms_deform_attn does.
-            return ops.ms_deform_attn_reference(
-                value,
-                spatial_shapes,
-                level_start_index,
-                sampling_locations.to(value.dtype),
-                attention_weights.to(value.dtype),
-            )
-
-        return reference
-
-    def kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return torch.ops.ddetr.ms_deform_attn_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-
-    return kernel
+    return ops.ms_deform_attn_reference if backend == "reference" else torch.ops.ddetr.ms_deform_attn_forward
 
 
 def _time_backend(op, inputs, device, warmup: int, repeats: int, backward: bool) -> dict:
@@ -93,7 +51,7 @@ def _time_backend(op, inputs, device, warmup: int, repeats: int, backward: bool)
 
     value, spatial, starts, loc, attn = inputs
     with torch.no_grad():
-        times = {"forward_ms": _median_ms(lambda: op(*inputs), device, warmup, repeats)}
+        times = {"forward_ms": median_ms(lambda: op(*inputs), device, warmup, repeats)}
     if backward:
         leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
 
@@ -101,7 +59,7 @@ def _time_backend(op, inputs, device, warmup: int, repeats: int, backward: bool)
             out = op(leaves[0], spatial, starts, leaves[1], leaves[2])
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-        times["forward_backward_ms"] = _median_ms(step, device, warmup, repeats)
+        times["forward_backward_ms"] = median_ms(step, device, warmup, repeats)
     return times
 
 
@@ -171,7 +129,7 @@ def bench_op_report(
                             row[key.replace("_ms", "_speedup")] = baseline[key] / row[key]
                     rows.append(row)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device": device_name(dev),
         "device_type": dev.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -179,16 +137,6 @@ def bench_op_report(
         "repeats": repeats,
         "results": rows,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -264,6 +212,7 @@ def bench_op(
     )
     _print_report(report)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        from ddetr_cli.commands.evaluate import write_json
+
+        write_json(json_out, report)
         console.print(f"Wrote {json_out}")

@@ -20,6 +20,7 @@ from typing import Optional
 
 import typer
 
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, INFERENCE_IMGSZ_OPTION
 from ddetr_cli.console import UserError, console, debug, info, progress
 from ddetr_cli.distributed import Amp
 
@@ -263,15 +264,11 @@ def command(
     predictions: Optional[Path] = typer.Option(
         None, "--predictions", help="Evaluate this COCO results file instead of running a model."
     ),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available)."
-    ),
+    device: Optional[str] = DEVICE_OPTION,
     batch_size: int = typer.Option(2, "--batch-size", "-b", min=1, help="Images per batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="Data loader threads."),
-    imgsz: Optional[int] = typer.Option(
-        None, "--imgsz", help="Shorter image side (default: the checkpoint's training size, else 800)."
-    ),
-    amp: Amp = typer.Option(Amp.off, "--amp", help="Mixed precision."),
+    imgsz: Optional[int] = INFERENCE_IMGSZ_OPTION,
+    amp: Amp = AMP_OPTION,
     topk: int = typer.Option(100, "--topk", min=1, help="Detections kept per image (COCO scores 100)."),
 ) -> None:
     evaluate(

@@ -14,12 +14,13 @@ Each detection is a COCO results entry plus names: {"image_id" (when --ann lists
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ddetr_cli.coco_eval import read_json
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, INFERENCE_IMGSZ_OPTION
 from ddetr_cli.console import UserError, debug, info, progress, warn
 from ddetr_cli.distributed import Amp
 
@@ -80,13 +81,7 @@ def _add_path(path: Path, found: list, skipped: list, explicit: bool) -> None:
 
 def annotation_index(ann: str | Path) -> tuple[dict, dict]:
     """--ann -> ({file name or base name: image_id}, {category id: name})."""
-    path = Path(ann)
-    if not path.is_file():
-        raise UserError(f"--ann: annotation file not found: {ann}")
-    try:
-        dataset = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{ann}: not valid JSON ({e})") from e
+    dataset = read_json(Path(ann), "--ann: annotation file")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise UserError(f"{ann}: not a COCO annotation file (no 'images' list)")
     by_name: dict = {}
@@ -163,8 +158,6 @@ def predict(
     if not images:
         raise UserError("no images to predict on: " + ", ".join(str(s) for s in sources))
     id_by_name, ann_names = annotation_index(ann) if ann is not None else ({}, {})
-    if not Path(weights).exists():
-        raise UserError(f"--weights: no such file or directory: {weights}")
 
     import torch
 
@@ -270,13 +263,9 @@ def command(
     topk: int = typer.Option(100, "--topk", min=1, help="Most detections per image before --score-thr."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding threads."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available)."
-    ),
-    imgsz: Optional[int] = typer.Option(
-        None, "--imgsz", help="Shorter image side (default: the checkpoint's training size, else 800)."
-    ),
-    amp: Amp = typer.Option(Amp.off, "--amp", help="Mixed precision."),
+    device: Optional[str] = DEVICE_OPTION,
+    imgsz: Optional[int] = INFERENCE_IMGSZ_OPTION,
+    amp: Amp = AMP_OPTION,
 ) -> None:
     predict(
         sources,

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import typer
 
+from ddetr_cli.commands.options import DEVICE_OPTION
 from ddetr_cli.console import UserError, console, info, progress, warn
 from ddetr_cli.distributed import Amp
 from ddetr_cli.runs import rng_state, set_rng_state, write_metrics_csv
@@ -125,6 +126,13 @@ def scaled_sizes(imgsz: int) -> dict:
     }
 
 
+def variant_config(variant: str) -> dict:
+    """--variant -> the model fields it sets."""
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return {"with_box_refine": variant in ("box-refine", "two-stage"), "two_stage": variant == "two-stage"}
+
+
 def resolve_settings(options: dict) -> tuple[dict, dict]:
     """Explicit options > --preset > the paper's defaults -> (model overrides, training settings)."""
     preset = {}
@@ -153,12 +161,8 @@ def resolve_settings(options: dict) -> tuple[dict, dict]:
     for key in MODEL_OPTIONS:
         if options.get(key) is not None:
             model[key] = str(options[key]) if key == "pretrained_backbone" else options[key]
-    variant = options.get("variant")
-    if variant is not None:
-        if variant not in VARIANTS:
-            raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        model["with_box_refine"] = variant in ("box-refine", "two-stage")
-        model["two_stage"] = variant == "two-stage"
+    if options.get("variant") is not None:
+        model.update(variant_config(options["variant"]))
     _check_settings(settings)
     if model.get("pretrained_backbone") and not Path(model["pretrained_backbone"]).is_file():
         raise UserError(f"--pretrained-backbone: no such file: {model['pretrained_backbone']}")
@@ -849,9 +853,7 @@ def command(
     ),
     scales: Optional[str] = typer.Option(None, "--scales", help="Training shorter sides, comma-separated."),
     amp: Optional[Amp] = typer.Option(None, "--amp", help="Mixed precision (default: off)."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available)."
-    ),
+    device: Optional[str] = DEVICE_OPTION,
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader threads (default: 2)."),
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Random seed (data order, augmentation, init) (default: 42)."

@@ -80,13 +80,10 @@ class DeformableDetrConfig:
             problems.append(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
         if self.nheads < 1 or self.hidden_dim % self.nheads != 0:
             problems.append(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
-        for name in ("enc_layers", "dec_layers", "dim_feedforward", "enc_n_points", "dec_n_points"):
+        sizes = ("enc_layers", "dec_layers", "dim_feedforward", "enc_n_points", "dec_n_points")
+        for name in (*sizes, "num_queries", "num_classes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_queries < 1:
-            problems.append(f"num_queries must be >= 1, got {self.num_queries}")
-        if self.num_classes < 1:
-            problems.append(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

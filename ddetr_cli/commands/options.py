@@ -1,0 +1,15 @@
+"""Typer options that several commands share, declared once so that they read the same everywhere
+(Typer copies an option's declaration per command, so one object may serve many)."""
+
+from __future__ import annotations
+
+import typer
+
+from ddetr_cli.distributed import Amp
+
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, cuda:N or N (default: CUDA if available).")
+AMP_OPTION = typer.Option(Amp.off, "--amp", help="Mixed precision.")
+# Inference commands (eval, predict): the shorter side images are resized to.
+INFERENCE_IMGSZ_OPTION = typer.Option(
+    None, "--imgsz", help="Shorter image side (default: the checkpoint's training size, else 800)."
+)
