@@ -1,0 +1,67 @@
+"""Named bundles of model and training settings.
+
+`tiny`: the embedded default behind `ddetr demo`. It keeps the paper's architecture (a CNN's
+multi-scale features plus one extra strided level, multi-scale deformable attention in encoder and
+decoder, focal loss, Hungarian matching with the paper's costs, auxiliary losses, iterative box
+refinement) and shrinks everything else so that it trains from scratch on a 2-core CPU in minutes:
+a small from-scratch CNN backbone, narrow and shallow transformer, few queries and small images.
+
+Each preset is a dict with
+    "model": overrides of `DeformableDetrConfig` fields (num_classes etc. come from the data);
+    "train": training-command settings (epochs, lr, batch size, image scales, ...);
+    "data":  the synthetic dataset the demo generates (`ddetr_cli.synth.make_synthetic_coco`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": {
+            "backbone": "tiny",
+            "num_feature_levels": 4,
+            "hidden_dim": 64,
+            "nheads": 4,
+            "enc_layers": 2,
+            "dec_layers": 2,
+            "dim_feedforward": 256,
+            "dropout": 0.0,
+            "enc_n_points": 4,
+            "dec_n_points": 4,
+            "num_queries": 100,
+            "with_box_refine": True,
+            "two_stage": True,
+            "aux_loss": True,
+        },
+        "train": {
+            "epochs": 20,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "lr_backbone": 1e-3,  # the tiny CNN learns from scratch: no reason to hold it back
+            "weight_decay": 1e-4,
+            "lr_drop": 16,
+            "clip_max_norm": 0.1,
+            # The paper's sizes (shorter side 480..800, crops 384..600, max 1333) scaled by 192/800.
+            "scales": [115, 123, 131, 138, 146, 154, 161, 169, 177, 184, 192],
+            "max_size": 320,
+            "val_size": 192,
+            "crop_resize": [96, 120, 144],
+            "crop_size": [92, 144],
+            "eval_interval": 5,
+        },
+        "data": {"num_train": 600, "num_val": 100, "image_size": [160, 224], "objects_per_image": [2, 6]},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> dict[str, dict[str, Any]]:
+    """A deep copy of preset `name` (callers may modify it); ValueError naming the choices otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return copy.deepcopy(PRESETS[name])
