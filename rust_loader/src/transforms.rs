@@ -121,12 +121,8 @@ pub fn draw_train_decisions(rng: &mut KeyedRng, w: u32, h: u32, cfg: &AugmentCon
 pub fn hflip(image: &mut RgbImage, boxes: &mut Boxes) {
     let w = image.width;
     for row in image.data.chunks_exact_mut(w * 3) {
-        for x in 0..w / 2 {
-            let (a, b) = (x * 3, (w - 1 - x) * 3);
-            for c in 0..3 {
-                row.swap(a + c, b + c);
-            }
-        }
+        // Whole pixels reversed at once (a byte-wise swap loop is several times slower).
+        row.as_chunks_mut::<3>().0.reverse();
     }
     let wf = w as f32;
     for b in &mut boxes.xyxy {
@@ -144,6 +140,38 @@ pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     if (out_w, out_h) == (image.width, image.height) {
         return image.clone();
     }
+    let whole = (0.0, 0.0, image.width as f64, image.height as f64);
+    convolve(image, whole, out_w as u32, out_h as u32)
+}
+
+/// The window `region = (top, left, height, width)` of `image` resized to `resized_w x resized_h`,
+/// computed without building the whole resized image: resizing the matching source box to the
+/// window's size uses the same filter centres and taps (Pillow's `resize(size, box=...)`
+/// semantics, which fast_image_resize follows), so this is resize-then-crop minus the pixels the
+/// crop throws away and minus a copy.
+pub fn resize_window(
+    image: &RgbImage,
+    resized_w: usize,
+    resized_h: usize,
+    region: (u32, u32, u32, u32),
+) -> RgbImage {
+    let (top, left, h, w) = region;
+    let sx = image.width as f64 / resized_w as f64;
+    let sy = image.height as f64 / resized_h as f64;
+    // Products are clamped to the image so float rounding cannot push the box outside it.
+    let (box_left, box_top) = (f64::from(left) * sx, f64::from(top) * sy);
+    let box_w = (f64::from(w) * sx).min(image.width as f64 - box_left);
+    let box_h = (f64::from(h) * sy).min(image.height as f64 - box_top);
+    convolve(image, (box_left, box_top, box_w, box_h), w, h)
+}
+
+/// Bilinear convolution of the source box `(left, top, width, height)` of `image` to
+/// `out_w x out_h`. fast_image_resize runs the vertical pass first for u8 images; when the image
+/// grows vertically that makes the (costlier, for 3-channel pixels) horizontal pass run over the
+/// many output rows, so then we run the two passes ourselves, horizontal first, as Pillow does
+/// (measured 10-25% faster for the multi-scale upscales).
+fn convolve(image: &RgbImage, src_box: (f64, f64, f64, f64), out_w: u32, out_h: u32) -> RgbImage {
+    let (left, top, box_w, box_h) = src_box;
     let src = ImageRef::new(
         image.width as u32,
         image.height as u32,
@@ -151,26 +179,42 @@ pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
         PixelType::U8x3,
     )
     .expect("RgbImage buffer matches its size");
-    let mut dst = Image::new(out_w as u32, out_h as u32, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    RESIZER
-        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
-        .expect("same pixel types");
-    RgbImage::new(out_w, out_h, dst.into_vec())
+    let bilinear = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let mut dst = Image::new(out_w, out_h, PixelType::U8x3);
+    RESIZER.with(|r| {
+        let mut resizer = r.borrow_mut();
+        if f64::from(out_h) > box_h {
+            let mut rows = Image::new(out_w, image.height as u32, PixelType::U8x3);
+            let horizontal = bilinear.crop(left, 0.0, box_w, image.height as f64);
+            resizer
+                .resize(&src, &mut rows, &horizontal)
+                .expect("crop box lies inside the image");
+            let vertical = bilinear.crop(0.0, top, f64::from(out_w), box_h);
+            resizer.resize(&rows, &mut dst, &vertical)
+        } else {
+            resizer.resize(&src, &mut dst, &bilinear.crop(left, top, box_w, box_h))
+        }
+        .expect("crop box lies inside the image")
+    });
+    RgbImage::new(out_w as usize, out_h as usize, dst.into_vec())
 }
 
 /// Official `resize(image, target, size, max_size)` for a scalar `size`.
 pub fn resize(image: &RgbImage, boxes: &mut Boxes, size: u32, max_size: Option<u32>) -> RgbImage {
     let (w, h) = (image.width as u32, image.height as u32);
     let (oh, ow) = get_size_with_aspect_ratio(w, h, size, max_size);
-    let out = resize_image(image, ow as usize, oh as usize);
+    scale_boxes(boxes, (w, h), (ow, oh));
+    resize_image(image, ow as usize, oh as usize)
+}
+
+/// The box part of official `resize`: from an image of `from = (w, h)` to `to = (w, h)`.
+fn scale_boxes(boxes: &mut Boxes, from: (u32, u32), to: (u32, u32)) {
     // Ratios are Python floats, multiplied into float32 boxes.
-    let rw = (f64::from(ow) / f64::from(w)) as f32;
-    let rh = (f64::from(oh) / f64::from(h)) as f32;
+    let rw = (f64::from(to.0) / f64::from(from.0)) as f32;
+    let rh = (f64::from(to.1) / f64::from(from.1)) as f32;
     for b in &mut boxes.xyxy {
         *b = [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh];
     }
-    out
 }
 
 /// Official `crop(image, target, (top, left, h, w))`: boxes shifted, clipped to the region and
@@ -187,6 +231,13 @@ pub fn crop(image: &RgbImage, boxes: &mut Boxes, region: (u32, u32, u32, u32)) -
         let start = (y * image.width + left) * 3;
         data.extend_from_slice(&image.data[start..start + w * 3]);
     }
+    crop_boxes(boxes, region);
+    RgbImage::new(w, h, data)
+}
+
+/// The box part of official `crop`: shifted, clipped to the region, dropped when empty.
+fn crop_boxes(boxes: &mut Boxes, region: (u32, u32, u32, u32)) {
+    let (top, left, h, w) = region;
     let (jf, if_, wf, hf) = (left as f32, top as f32, w as f32, h as f32);
     let mut kept = Boxes::default();
     for (b, &label) in boxes.xyxy.iter().zip(&boxes.labels) {
@@ -202,7 +253,6 @@ pub fn crop(image: &RgbImage, boxes: &mut Boxes, region: (u32, u32, u32, u32)) -
         }
     }
     *boxes = kept;
-    RgbImage::new(w, h, data)
 }
 
 /// Applies a training augmentation given its decisions.
@@ -217,8 +267,13 @@ pub fn apply_train(
         hflip(&mut image, boxes);
     }
     if let Some(c) = d.crop {
-        image = resize(&image, boxes, c.pre_size, None);
-        image = crop(&image, boxes, c.region);
+        // Official order (resize to `pre_size`, then crop) for the boxes; the pixels of the
+        // crop window are resized directly.
+        let (w, h) = (image.width as u32, image.height as u32);
+        let (ph, pw) = get_size_with_aspect_ratio(w, h, c.pre_size, None);
+        scale_boxes(boxes, (w, h), (pw, ph));
+        crop_boxes(boxes, c.region);
+        image = resize_window(&image, pw as usize, ph as usize, c.region);
     }
     resize(&image, boxes, d.size, Some(cfg.max_size))
 }
@@ -328,6 +383,35 @@ mod tests {
             "{:?}",
             out.data
         );
+    }
+
+    #[test]
+    fn resize_window_matches_resize_then_crop() {
+        let data = (0..37 * 29)
+            .flat_map(|i| [(i * 7 % 256) as u8, (i * 13 % 256) as u8, (i % 256) as u8])
+            .collect();
+        let img = RgbImage::new(37, 29, data);
+        for (rw, rh, region) in [
+            (50, 40, (3, 5, 30, 41)), // upscale
+            (25, 19, (2, 1, 15, 20)), // downscale
+            (37, 29, (4, 6, 20, 20)), // plain crop
+            (50, 40, (0, 0, 40, 50)), // whole image
+        ] {
+            let full = resize_image(&img, rw, rh);
+            let cropped = crop(&full, &mut Boxes::default(), region);
+            let window = resize_window(&img, rw, rh, region);
+            assert_eq!(
+                (window.width, window.height),
+                (cropped.width, cropped.height)
+            );
+            let max_diff = window
+                .data
+                .iter()
+                .zip(&cropped.data)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max();
+            assert!(max_diff <= Some(1), "{rw}x{rh} {region:?}: {max_diff:?}");
+        }
     }
 
     #[test]
