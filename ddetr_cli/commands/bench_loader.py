@@ -37,7 +37,9 @@ from typing import Optional
 
 import typer
 
+from ddetr_cli.commands.evaluate import write_json
 from ddetr_cli.console import UserError, console, info
+from ddetr_cli.datasets import resolve_split
 
 EXAMPLES = [
     "ddetr bench loader",
@@ -45,19 +47,6 @@ EXAMPLES = [
     "ddetr bench loader --val --batch-size 4",
     "ddetr bench loader --parse-size-mb 450 --json loader.json",
 ]
-
-
-def find_split(data: Path, train: bool) -> tuple[Path, Path]:
-    """(images_dir, annotation_file) of a COCO-style directory: `annotations/instances_<split>*.json`
-    next to an images folder named like the split (`train`, `train2017`, `val`, `val2017`)."""
-    split = "train" if train else "val"
-    candidates = sorted((data / "annotations").glob(f"instances_{split}*.json"))
-    for ann in candidates:
-        name = ann.stem.removeprefix("instances_")
-        for images_dir in (data / name, data / "images" / name, data / split):
-            if images_dir.is_dir():
-                return images_dir, ann
-    raise UserError(f"{data}: no annotations/instances_{split}*.json with a matching images folder")
 
 
 def _rate(batches, images: int) -> float:
@@ -235,7 +224,8 @@ def bench_loader_report(
                 report["data"] = f"synthetic: {synth_images} JPEGs of 480..640 px per split"
             else:
                 report["data"] = str(data)
-            images_dir, ann = find_split(Path(data), train)
+            split = resolve_split(str(data), "train" if train else "val")
+            images_dir, ann = split.images_dir, split.annotation_file
             paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
             if not paths:
                 raise UserError(f"{images_dir}: no JPEG files")
@@ -341,6 +331,5 @@ def bench_loader(
     )
     _print_report(report)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_out, report)
         console.print(f"Wrote {json_out}")
