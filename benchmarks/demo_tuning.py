@@ -162,6 +162,7 @@ def main():
     p.add_argument("--scales", default=None, help="train shorter sides, comma list (default: preset)")
     p.add_argument("--crop-resize", default=None, help="comma list (default: preset)")
     p.add_argument("--crop-size", default=None, help="min,max (default: preset)")
+    p.add_argument("--crop-prob", type=float, default=None, help="probability of the crop branch")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -205,6 +206,7 @@ def main():
         "lr_drop",
         "val_size",
         "max_size",
+        "crop_prob",
     ):
         if getattr(args, key) is not None:
             tr[key] = getattr(args, key)
@@ -235,6 +237,7 @@ def main():
     if args.loader == "real":
         kw = {"max_size": tr["max_size"], "val_size": tr["val_size"], "workers": 1}
         aug = {k: tuple(tr[k]) for k in ("scales", "crop_resize", "crop_size") if tr.get(k) is not None}
+        aug["crop_prob"] = tr.get("crop_prob", 0.5)
         train_loader = CocoLoader(
             data / "train",
             data / "annotations" / "instances_train.json",

@@ -55,6 +55,7 @@ class CocoLoaderCore:
         crop_resize: list[int] | None = None,
         crop_size: tuple[int, int] = (384, 600),
         prefetch: int | None = None,
+        crop_prob: float = 0.5,
     ) -> None: ...
     def __len__(self) -> int: ...
     @property

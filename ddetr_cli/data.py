@@ -66,7 +66,7 @@ class CocoLoader:
 
     train=True: random horizontal flip, then either a multi-scale resize (shorter side in `scales`,
     longer side <= `max_size`) or resize to `crop_resize` + random crop in `crop_size` + multi-scale
-    resize; crowd boxes dropped. train=False: shorter side `val_size`, longer side <= `max_size`.
+    resize (that branch with probability `crop_prob`, officially 0.5); crowd boxes dropped. train=False: shorter side `val_size`, longer side <= `max_size`.
     Shuffling (default: train) and drop_last (default: train) follow the official main.py; with
     world_size > 1 every rank gets an equal-length shard, padded by repetition like
     `DistributedSampler`. label_mapping="compact" numbers categories 0..K-1 in sorted id order;
@@ -97,6 +97,7 @@ class CocoLoader:
         crop_resize: Sequence[int] = (400, 500, 600),
         crop_size: Sequence[int] = (384, 600),
         prefetch: int | None = None,
+        crop_prob: float = 0.5,
     ) -> None:
         self._core = _loader.CocoLoaderCore(
             str(images_dir),
@@ -117,6 +118,7 @@ class CocoLoader:
             crop_resize=[int(s) for s in crop_resize],
             crop_size=(int(crop_size[0]), int(crop_size[1])),
             prefetch=prefetch,
+            crop_prob=float(crop_prob),
         )
         self.train = bool(train)
         self.epoch = 0

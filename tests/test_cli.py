@@ -252,6 +252,7 @@ def test_bad_inputs_are_one_line_exit_2(synthetic_coco, tmp_path):
         (["train", "--data", synthetic_coco, "--resume", tmp_path / "gone.pt"], "gone.pt"),
         (["train", "--data", synthetic_coco, "--amp", "fp16", "--device", "cpu"], "fp16"),
         (["train", "--data", synthetic_coco, "--epochs", "0"], "--epochs"),
+        (["train", "--data", synthetic_coco, "--crop-prob", "1.5"], "--crop-prob"),
         (
             ["train", "--data", synthetic_coco, "--batch-size", "64", "--backbone", "tiny"],
             "fewer than one batch",

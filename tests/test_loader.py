@@ -57,6 +57,22 @@ def test_train_augmentation_replays_identically_in_reference(synthetic_coco):
     assert min(seen.values()) >= 3, seen
 
 
+@pytest.mark.parametrize("crop_prob", [0.0, 1.0])
+def test_crop_prob_switches_the_crop_branch_off_and_on(synthetic_coco, crop_prob):
+    kwargs = {"train": True, "batch_size": 2, "seed": 3}
+    loader = CocoLoader(*_split(synthetic_coco, "train"), crop_prob=crop_prob, **kwargs)
+    official = CocoLoader(*_split(synthetic_coco, "train"), **kwargs)
+    for index in range(loader.num_images):
+        d, o = loader.sample(index)["decisions"], official.sample(index)["decisions"]
+        assert (d["crop"] is not None) == (crop_prob == 1.0)
+        assert d["flip"] == o["flip"]  # the other draws are those of the official 0.5
+
+
+def test_crop_prob_out_of_range_is_a_value_error(synthetic_coco):
+    with pytest.raises(ValueError, match="crop_prob"):
+        CocoLoader(*_split(synthetic_coco, "train"), train=True, batch_size=2, crop_prob=1.5)
+
+
 def test_val_batches_match_reference_pipeline(synthetic_coco):
     loader = CocoLoader(*_split(synthetic_coco, "val"), train=False, batch_size=3)
     reference = _reference_for(loader, synthetic_coco, "val")

@@ -67,6 +67,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "val_size": 800,
     "crop_resize": None,  # loader default (400, 500, 600)
     "crop_size": None,  # loader default (384, 600)
+    "crop_prob": 0.5,  # official RandomSelect: the crop branch half of the time
     "eval_interval": 1,
     "log_interval": 10,
     "workers": 2,
@@ -177,6 +178,8 @@ def _check_settings(s: dict) -> None:
     for key in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_linear_proj_mult"):
         if not (isinstance(s[key], (int, float)) and math.isfinite(s[key]) and s[key] >= 0):
             raise UserError(f"--{key.replace('_', '-')} must be a non-negative number, got {s[key]}")
+    if not 0.0 <= s["crop_prob"] <= 1.0:
+        raise UserError(f"--crop-prob must be between 0 and 1, got {s['crop_prob']}")
     if s["workers"] < 0:
         raise UserError(f"--workers must be >= 0, got {s['workers']}")
     if s["amp"] not in ("off", "fp16", "bf16"):
@@ -280,6 +283,7 @@ def train(
     dropout: float | None = None,
     imgsz: int | None = None,
     scales: list[int] | None = None,
+    crop_prob: float | None = None,
     amp: str | None = None,
     device: str | None = None,
     workers: int | None = None,
@@ -428,6 +432,7 @@ class _Trainer:
         s = self.s
         kwargs = {"max_size": s["max_size"], "val_size": s["val_size"]}
         if train:
+            kwargs["crop_prob"] = s.get("crop_prob", 0.5)  # checkpoints from before the option
             for key in ("scales", "crop_resize", "crop_size"):
                 if s[key] is not None:
                     kwargs[key] = tuple(s[key])
@@ -852,6 +857,9 @@ def command(
         help="Evaluation shorter side; training scales scaled to match (default: 800, scales 480..800).",
     ),
     scales: Optional[str] = typer.Option(None, "--scales", help="Training shorter sides, comma-separated."),
+    crop_prob: Optional[float] = typer.Option(
+        None, "--crop-prob", help="Probability of the random-crop augmentation branch (default: 0.5)."
+    ),
     amp: Optional[Amp] = typer.Option(None, "--amp", help="Mixed precision (default: off)."),
     device: Optional[str] = DEVICE_OPTION,
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader threads (default: 2)."),
@@ -908,6 +916,7 @@ def command(
         dropout=dropout,
         imgsz=imgsz,
         scales=_parse_scales(scales),
+        crop_prob=crop_prob,
         amp=amp,
         device=device,
         workers=workers,

@@ -147,7 +147,7 @@ impl CocoLoaderCore {
     #[new]
     #[pyo3(signature = (images_dir, annotation_file, train, batch_size, workers=2, seed=0, rank=0,
         world_size=1, drop_last=None, shuffle=None, label_mapping="compact", on_bad_image="error",
-        scales=None, max_size=1333, val_size=800, crop_resize=None, crop_size=(384, 600), prefetch=None))]
+        scales=None, max_size=1333, val_size=800, crop_resize=None, crop_size=(384, 600), prefetch=None, crop_prob=0.5))]
     fn new(
         py: Python<'_>,
         images_dir: PathBuf,
@@ -168,6 +168,7 @@ impl CocoLoaderCore {
         crop_resize: Option<Vec<u32>>,
         crop_size: (u32, u32),
         prefetch: Option<usize>,
+        crop_prob: f64,
     ) -> PyResult<Self> {
         let mapping: LabelMapping = label_mapping.parse().map_err(to_py_err)?;
         let policy: BadImagePolicy = on_bad_image.parse().map_err(to_py_err)?;
@@ -178,14 +179,17 @@ impl CocoLoaderCore {
             val_size,
             crop_resize: crop_resize.unwrap_or(defaults.crop_resize),
             crop_size,
+            crop_prob,
         };
         if augment.scales.is_empty()
             || augment.crop_resize.is_empty()
             || crop_size.0 == 0
             || crop_size.0 > crop_size.1
+            || !(0.0..=1.0).contains(&crop_prob)
         {
             return Err(PyValueError::new_err(
-                "scales and crop_resize must be non-empty and 0 < crop_size[0] <= crop_size[1]",
+                "scales and crop_resize must be non-empty, 0 < crop_size[0] <= crop_size[1] and \
+                 0 <= crop_prob <= 1",
             ));
         }
         let plan = PlanConfig {

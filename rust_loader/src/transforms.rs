@@ -32,6 +32,9 @@ pub struct AugmentConfig {
     pub crop_resize: Vec<u32>,
     /// `RandomSizeCrop(min, max)` side range.
     pub crop_size: (u32, u32),
+    /// Probability of the crop branch (official `RandomSelect`: 0.5). Short schedules on small
+    /// data (the demo) learn faster with fewer crops: crops cut large objects apart.
+    pub crop_prob: f64,
 }
 
 impl Default for AugmentConfig {
@@ -42,6 +45,7 @@ impl Default for AugmentConfig {
             val_size: 800,
             crop_resize: vec![400, 500, 600],
             crop_size: (384, 600),
+            crop_prob: 0.5,
         }
     }
 }
@@ -95,7 +99,9 @@ pub fn get_size_with_aspect_ratio(w: u32, h: u32, size: u32, max_size: Option<u3
 /// RandomResize(crop_resize), RandomSizeCrop(min, max), RandomResize(scales, max)]))`.
 pub fn draw_train_decisions(rng: &mut KeyedRng, w: u32, h: u32, cfg: &AugmentConfig) -> Decisions {
     let flip = rng.uniform() < 0.5;
-    let crop = if rng.uniform() < 0.5 {
+    // One uniform draw either way (later draws do not depend on crop_prob); crop_prob = 0.5
+    // gives the same decisions as before the option existed.
+    let crop = if rng.uniform() < 1.0 - cfg.crop_prob {
         None
     } else {
         let pre_size = rng.choice(&cfg.crop_resize);
@@ -460,6 +466,28 @@ mod tests {
             (150..250).contains(&flips) && (150..250).contains(&crops),
             "{flips} {crops}"
         );
+    }
+
+    #[test]
+    fn crop_prob_sets_the_crop_rate_and_keeps_other_draws() {
+        let draw = |crop_prob: f64, i: u64| {
+            let cfg = AugmentConfig {
+                crop_prob,
+                ..AugmentConfig::default()
+            };
+            draw_train_decisions(&mut KeyedRng::from_key(&[i]), 640, 480, &cfg)
+        };
+        let crops = |p: f64| (0..400).filter(|&i| draw(p, i).crop.is_some()).count();
+        assert_eq!(crops(0.0), 0);
+        assert_eq!(crops(1.0), 400);
+        assert!((40..120).contains(&crops(0.2)), "{}", crops(0.2));
+        for i in 0..50 {
+            let (never, half) = (draw(0.0, i), draw(0.5, i));
+            assert_eq!(never.flip, half.flip);
+            if half.crop.is_none() {
+                assert_eq!(never.size, half.size);
+            }
+        }
     }
 
     #[test]
