@@ -248,10 +248,12 @@ impl CocoLoaderCore {
         self.pipeline.skipped()
     }
 
-    /// Starts epoch `epoch` and returns its batch iterator.
-    fn epoch(&self, epoch: u64) -> BatchIter {
+    /// Starts epoch `epoch` at batch `start_batch` of its plan (0: the whole epoch) and returns
+    /// its batch iterator; skipped batches are not decoded.
+    #[pyo3(signature = (epoch, start_batch=0))]
+    fn epoch(&self, epoch: u64, start_batch: usize) -> BatchIter {
         BatchIter {
-            inner: self.pipeline.epoch(epoch),
+            inner: self.pipeline.epoch_from(epoch, start_batch),
         }
     }
 
