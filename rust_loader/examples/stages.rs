@@ -53,6 +53,13 @@ fn main() {
             .collect();
         let t_val = per_image_ms(t, n);
         drop(val);
+        let mut flipped = decoded.clone();
+        let t = Instant::now();
+        for im in &mut flipped {
+            _loader::transforms::hflip(im, &mut Boxes::default());
+        }
+        let t_flip = per_image_ms(t, n);
+        drop(flipped);
         let t = Instant::now();
         let train: Vec<_> = decoded
             .into_iter()
@@ -74,7 +81,7 @@ fn main() {
         let t_collate = per_image_ms(t, n);
         println!(
             "per image: decode {t_decode:.2} ms, val resize {t_val:.2} ms, \
-             train augment {t_train:.2} ms, collate (batch 2) {t_collate:.2} ms"
+             train augment {t_train:.2} ms (hflip alone {t_flip:.2} ms), collate (batch 2) {t_collate:.2} ms"
         );
     }
 }

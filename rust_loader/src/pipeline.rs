@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use crate::batch::{collate, Batch, Sample};
+use crate::batch::{collate_into, Batch, BatchPools, Sample};
 use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
 use crate::decode::{decode_image, RgbImage};
 use crate::error::{LoaderError, Result};
@@ -271,6 +271,7 @@ struct Shared {
     source: Arc<dyn Source>,
     policy: BadImagePolicy,
     skipped: Mutex<Vec<(String, String)>>,
+    pools: BatchPools,
 }
 
 impl Shared {
@@ -303,7 +304,7 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        Ok((!samples.is_empty()).then(|| collate(samples)))
+        Ok((!samples.is_empty()).then(|| collate_into(samples, &self.pools)))
     }
 }
 
@@ -344,6 +345,9 @@ impl Pipeline {
                 source,
                 policy,
                 skipped: Mutex::new(Vec::new()),
+                // Enough idle buffers for every batch that can be in flight, plus the one the
+                // consumer holds.
+                pools: BatchPools::new(prefetch.max(1) + 1),
             }),
             plan,
             pool: Arc::new(pool),
