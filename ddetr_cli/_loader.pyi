@@ -29,6 +29,9 @@ RawBatch = tuple[
     int,
 ]
 
+class BatchBuffer:
+    """Owner of a recycled batch buffer; the base object of the images and mask arrays."""
+
 class BatchIter:
     def __iter__(self) -> Iterator[RawBatch]: ...
     def __next__(self) -> RawBatch: ...

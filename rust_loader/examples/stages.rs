@@ -2,7 +2,7 @@
 //! `cargo run --release --example stages -- DIR_WITH_JPEGS`.
 use std::time::Instant;
 
-use _loader::batch::{collate, Sample};
+use _loader::batch::{collate_into, BatchPools, Sample};
 use _loader::decode::{decode_image, RgbImage};
 use _loader::rng::KeyedRng;
 use _loader::transforms::{apply_train, apply_val, draw_train_decisions, AugmentConfig, Boxes};
@@ -39,6 +39,8 @@ fn main() {
         .collect();
     let n = bytes.len();
     let cfg = AugmentConfig::default();
+    // Recycled batch buffers, as the pipeline uses them.
+    let pools = BatchPools::new(2);
     for round in 0..3 {
         let t = Instant::now();
         let decoded: Vec<_> = bytes
@@ -76,7 +78,7 @@ fn main() {
         while let (Some(a), b) = (train.next(), train.next()) {
             let mut samples = vec![sample(a)];
             samples.extend(b.map(sample));
-            std::hint::black_box(collate(samples));
+            std::hint::black_box(collate_into(samples, &pools));
         }
         let t_collate = per_image_ms(t, n);
         println!(
