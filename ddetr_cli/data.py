@@ -13,7 +13,8 @@ Decoding, the official Deformable DETR augmentations, normalisation and padding 
 worker threads with the GIL released; batches arrive as NumPy arrays that own the Rust buffers and
 are wrapped by `torch.from_numpy` without a copy. Augmentation is a pure function of
 (seed, epoch, image index), so results do not depend on the number of workers; call `set_epoch(n)`
-before each epoch (as with `DistributedSampler`) to get a new shuffle and new augmentations.
+before each epoch (as with `DistributedSampler`) to get a new shuffle and new augmentations;
+`set_epoch(n, start_batch=k)` resumes an epoch at batch k without decoding the batches before it.
 """
 
 from __future__ import annotations
@@ -122,17 +123,26 @@ class CocoLoader:
         )
         self.train = bool(train)
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the shuffle and augmentations of epoch `epoch` for the next iteration."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the shuffle and augmentations of epoch `epoch` for the next iterations.
+
+        `start_batch` (mid-epoch resume): iterations begin at batch `start_batch` of the epoch's
+        plan and yield exactly the batches a full iteration yields from there on; the batches
+        before it are not decoded. It counts planned batches, including any whose images were
+        all skipped (`on_bad_image="skip"`). `len()` still counts the whole epoch."""
+        if not 0 <= int(start_batch) <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return len(self._core)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]]:
-        for raw in self._core.epoch(self.epoch):
+        for raw in self._core.epoch(self.epoch, self.start_batch):
             yield batch_from_raw(raw)
 
     @property

@@ -158,6 +158,44 @@ def test_same_seed_and_epoch_give_identical_batches_whatever_the_workers(synthet
     assert c.batch_indices(4) != a.batch_indices(4)
 
 
+def test_start_batch_resumes_mid_epoch_with_the_full_epochs_tail(synthetic_coco):
+    loader = CocoLoader(*_split(synthetic_coco, "train"), train=True, batch_size=2, seed=3)
+    loader.set_epoch(2)
+    full = [(imgs, mask, tg) for imgs, mask, tg in loader]
+    assert len(full) == len(loader) == 4
+    loader.set_epoch(2, start_batch=1)
+    tail = list(loader)
+    assert len(tail) == 3 and len(loader) == 4  # len() still counts the whole epoch
+    for (ia, ma, ta), (ib, mb, tb) in zip(full[1:], tail):
+        assert torch.equal(ia, ib) and torch.equal(ma, mb)
+        for a, b in zip(ta, tb):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loader.set_epoch(2, start_batch=4)
+    assert list(loader) == []
+    loader.set_epoch(3)
+    assert [t["image_id"].item() for _, _, tg in loader for t in tg] == [
+        loader.image_ids[i] for batch in loader.batch_indices() for i in batch
+    ]
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(2, start_batch=5)
+
+
+def test_start_batch_does_not_decode_the_batches_before_it(synthetic_coco, tmp_path):
+    """An unreadable image in a skipped batch is never opened, so it is never reported."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_coco, root)
+    loader = CocoLoader(*_split(root, "train"), train=True, batch_size=2, seed=3, on_bad_image="skip")
+    loader.set_epoch(1)
+    first = loader.batch_indices()[0]
+    records = json.loads(_split(root, "train")[1].read_text())["images"]
+    by_id = {im["id"]: im["file_name"] for im in records}
+    (root / "train" / by_id[loader.image_ids[first[0]]]).write_bytes(b"not an image")
+    loader.set_epoch(1, start_batch=1)
+    assert len(list(loader)) == 3 and loader.skipped == []
+    loader.set_epoch(1)
+    assert len(list(loader)) == 4 and len(loader.skipped) == 1
+
+
 def test_shards_are_disjoint_with_equal_lengths(synthetic_coco):
     n = 8
     for world in (2, 3):

@@ -628,16 +628,14 @@ class _Trainer:
 
         s, ctx = self.s, self.ctx
         loader = self.train_loader
-        loader.set_epoch(self.epoch)
+        loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)  # resuming: earlier batches not decoded
         self.ddp_model.train()
         self.criterion.train()
         total = len(loader)
         task = bar.add_task(f"epoch {self.epoch + 1}/{s['epochs']}", total=total, status="")
         bar.update(task, completed=self.batch_in_epoch)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for index, (images, mask, targets) in enumerate(loader):
-            if index < self.batch_in_epoch:
-                continue  # resuming mid-epoch: the order is a function of (seed, epoch, index)
+        for index, (images, mask, targets) in enumerate(loader, start=self.batch_in_epoch):
             images = images.to(ctx.device, non_blocking=True)
             mask = mask.to(ctx.device, non_blocking=True)
             targets = [{k: v.to(ctx.device) for k, v in t.items()} for t in targets]

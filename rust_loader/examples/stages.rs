@@ -2,7 +2,7 @@
 //! `cargo run --release --example stages -- DIR_WITH_JPEGS`.
 use std::time::Instant;
 
-use _loader::batch::{collate, Sample};
+use _loader::batch::{collate_into, BatchPools, Sample};
 use _loader::decode::{decode_image, RgbImage};
 use _loader::rng::KeyedRng;
 use _loader::transforms::{apply_train, apply_val, draw_train_decisions, AugmentConfig, Boxes};
@@ -39,6 +39,8 @@ fn main() {
         .collect();
     let n = bytes.len();
     let cfg = AugmentConfig::default();
+    // Recycled batch buffers, as the pipeline uses them.
+    let pools = BatchPools::new(2);
     for round in 0..3 {
         let t = Instant::now();
         let decoded: Vec<_> = bytes
@@ -53,6 +55,13 @@ fn main() {
             .collect();
         let t_val = per_image_ms(t, n);
         drop(val);
+        let mut flipped = decoded.clone();
+        let t = Instant::now();
+        for im in &mut flipped {
+            _loader::transforms::hflip(im, &mut Boxes::default());
+        }
+        let t_flip = per_image_ms(t, n);
+        drop(flipped);
         let t = Instant::now();
         let train: Vec<_> = decoded
             .into_iter()
@@ -69,12 +78,12 @@ fn main() {
         while let (Some(a), b) = (train.next(), train.next()) {
             let mut samples = vec![sample(a)];
             samples.extend(b.map(sample));
-            std::hint::black_box(collate(samples));
+            std::hint::black_box(collate_into(samples, &pools));
         }
         let t_collate = per_image_ms(t, n);
         println!(
             "per image: decode {t_decode:.2} ms, val resize {t_val:.2} ms, \
-             train augment {t_train:.2} ms, collate (batch 2) {t_collate:.2} ms"
+             train augment {t_train:.2} ms (hflip alone {t_flip:.2} ms), collate (batch 2) {t_collate:.2} ms"
         );
     }
 }

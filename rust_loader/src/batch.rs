@@ -1,10 +1,12 @@
 //! Collation: ImageNet normalisation into one zero-padded `[B, 3, H, W]` f32 buffer, a padding
 //! mask, and targets as flat arrays (the layout `util.misc.nested_tensor_from_tensor_list` makes).
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::decode::RgbImage;
+use crate::pool::{BufferPool, PooledVec};
 use crate::transforms::Decisions;
 
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -27,11 +29,12 @@ pub struct Sample {
 
 /// A collated batch. `images` is `[B, 3, H, W]` row-major; `mask` is `[B, H, W]`, true on
 /// padding; boxes of all images are concatenated (`counts[b]` rows belong to image `b`).
-#[derive(Debug, Clone, Default)]
+/// The two big buffers return to their [`BatchPools`] when dropped.
+#[derive(Debug, Default)]
 pub struct Batch {
     pub shape: [usize; 4],
-    pub images: Vec<f32>,
-    pub mask: Vec<bool>,
+    pub images: PooledVec<f32>,
+    pub mask: PooledVec<bool>,
     pub boxes: Vec<f32>,
     pub labels: Vec<i64>,
     pub counts: Vec<usize>,
@@ -113,15 +116,44 @@ fn write_mask(image: &RgbImage, mask: &mut [bool], pad_w: usize) {
     padding_rows.fill(true);
 }
 
-/// Collates samples; images are normalised and padded in parallel (one task per image, each
-/// writing its own slot of the batch buffer once, so the buffer is never zero-filled first).
+/// Recycled image and mask buffers of a pipeline's batches (see [`crate::pool`]).
+#[derive(Clone)]
+pub struct BatchPools {
+    images: Arc<BufferPool<f32>>,
+    mask: Arc<BufferPool<bool>>,
+}
+
+impl BatchPools {
+    /// Pools that keep up to `max_idle` buffers of each kind.
+    pub fn new(max_idle: usize) -> Self {
+        BatchPools {
+            images: BufferPool::new(max_idle),
+            mask: BufferPool::new(max_idle),
+        }
+    }
+
+    /// Idle image buffers (for tests).
+    pub fn idle_images(&self) -> usize {
+        self.images.idle()
+    }
+}
+
+/// Collates samples into freshly allocated buffers (see [`collate_into`]).
 pub fn collate(samples: Vec<Sample>) -> Batch {
+    collate_into(samples, &BatchPools::new(0))
+}
+
+/// Collates samples into buffers from `pools`; images are normalised and padded in parallel (one
+/// task per image, each writing its own slot of the batch buffer once, so the buffer is never
+/// zero-filled first).
+pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
     let n = samples.len();
     let pad_h = samples.iter().map(|s| s.image.height).max().unwrap_or(0);
     let pad_w = samples.iter().map(|s| s.image.width).max().unwrap_or(0);
     let slot_len = 3 * pad_h * pad_w;
-    let mut images: Vec<f32> = Vec::with_capacity(n * slot_len);
-    let mut mask = vec![true; n * pad_h * pad_w];
+    let mut images = pools.images.take(n * slot_len);
+    let mut mask = pools.mask.take(n * pad_h * pad_w);
+    mask.resize(n * pad_h * pad_w, true);
     if slot_len > 0 {
         images.spare_capacity_mut()[..n * slot_len]
             .par_chunks_mut(slot_len)
@@ -136,6 +168,8 @@ pub fn collate(samples: Vec<Sample>) -> Batch {
     unsafe { images.set_len(n * slot_len) };
     let mut batch = Batch {
         shape: [n, 3, pad_h, pad_w],
+        images,
+        mask,
         ..Batch::default()
     };
     for s in samples {
@@ -149,8 +183,6 @@ pub fn collate(samples: Vec<Sample>) -> Batch {
             .push((s.image.height as u32, s.image.width as u32));
         batch.paths.push(s.path);
     }
-    batch.images = images;
-    batch.mask = mask;
     batch
 }
 
@@ -188,6 +220,23 @@ mod tests {
         assert_eq!(batch.counts, vec![1, 2]);
         assert_eq!(batch.boxes.len(), 12);
         assert_eq!(batch.sizes, vec![(2, 4), (3, 2)]);
+    }
+
+    #[test]
+    fn pooled_buffers_are_recycled_and_fully_rewritten() {
+        let pools = BatchPools::new(2);
+        let first = collate_into(vec![sample(6, 5, 255, 0), sample(6, 5, 255, 0)], &pools);
+        let address = first.images.as_ptr();
+        drop(first);
+        assert_eq!(pools.idle_images(), 1);
+        // A smaller batch reuses the buffer; stale values of the first batch must not leak into
+        // its padding or pixels.
+        let second = collate_into(vec![sample(2, 1, 0, 0), sample(4, 3, 0, 0)], &pools);
+        assert_eq!(second.images.as_ptr(), address);
+        let fresh = collate(vec![sample(2, 1, 0, 0), sample(4, 3, 0, 0)]);
+        assert_eq!(second.shape, fresh.shape);
+        assert_eq!(*second.images, *fresh.images);
+        assert_eq!(*second.mask, *fresh.mask);
     }
 
     #[test]

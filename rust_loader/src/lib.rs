@@ -7,6 +7,7 @@ pub mod coco;
 pub mod decode;
 pub mod error;
 pub mod pipeline;
+pub mod pool;
 pub mod rng;
 pub mod transforms;
 

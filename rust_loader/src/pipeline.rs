@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-use crate::batch::{collate, Batch, Sample};
+use crate::batch::{collate_into, Batch, BatchPools, Sample};
 use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
 use crate::decode::{decode_image, RgbImage};
 use crate::error::{LoaderError, Result};
@@ -271,6 +271,7 @@ struct Shared {
     source: Arc<dyn Source>,
     policy: BadImagePolicy,
     skipped: Mutex<Vec<(String, String)>>,
+    pools: BatchPools,
 }
 
 impl Shared {
@@ -303,7 +304,7 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        Ok((!samples.is_empty()).then(|| collate(samples)))
+        Ok((!samples.is_empty()).then(|| collate_into(samples, &self.pools)))
     }
 }
 
@@ -344,6 +345,9 @@ impl Pipeline {
                 source,
                 policy,
                 skipped: Mutex::new(Vec::new()),
+                // Enough idle buffers for every batch that can be in flight, plus the one the
+                // consumer holds.
+                pools: BatchPools::new(prefetch.max(1) + 1),
             }),
             plan,
             pool: Arc::new(pool),
@@ -384,11 +388,20 @@ impl Pipeline {
 
     /// Starts iterating epoch `epoch`.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// Starts iterating epoch `epoch` at batch `start_batch` of its plan (mid-epoch resume): the
+    /// batches before it are neither decoded nor yielded, the rest are exactly those of a full
+    /// epoch. A `start_batch` at or past the end gives an empty iterator.
+    pub fn epoch_from(&self, epoch: u64, start_batch: usize) -> EpochIter {
+        let mut plan = self.plan.batches(self.shared.source.len(), epoch);
+        plan.drain(..start_batch.min(plan.len()));
         let (tx, rx) = channel();
         EpochIter {
             shared: Arc::clone(&self.shared),
             pool: Arc::clone(&self.pool),
-            plan: self.plan.batches(self.shared.source.len(), epoch),
+            plan,
             epoch,
             prefetch: self.prefetch,
             next_submit: 0,
@@ -421,6 +434,7 @@ pub struct EpochIter {
 }
 
 impl EpochIter {
+    /// Batches this iterator covers (from its start batch to the end of the epoch).
     pub fn len(&self) -> usize {
         self.plan.len()
     }
@@ -429,7 +443,7 @@ impl EpochIter {
         self.plan.is_empty()
     }
 
-    /// Dataset indices of every batch in this epoch.
+    /// Dataset indices of every batch this iterator yields (from its start batch on).
     pub fn plan(&self) -> &[Vec<usize>] {
         &self.plan
     }
@@ -698,5 +712,47 @@ mod tests {
         let one = ids(1);
         assert_eq!(one.len(), 6);
         assert_eq!(one, ids(4));
+    }
+
+    #[test]
+    fn starting_mid_epoch_yields_the_tail_and_loads_nothing_before_it() {
+        struct Recording(Mutex<Vec<usize>>);
+        impl Source for Recording {
+            fn len(&self) -> usize {
+                20
+            }
+            fn load(&self, index: usize, epoch: u64) -> Result<Sample> {
+                self.0.lock().unwrap().push(index);
+                Synthetic.load(index % 3, epoch).map(|mut s| {
+                    s.image_id = index as i64;
+                    s
+                })
+            }
+        }
+        let cfg = PlanConfig {
+            batch_size: 3,
+            shuffle: true,
+            drop_last: true,
+            seed: 7,
+            rank: 0,
+            world_size: 1,
+        };
+        let source = Arc::new(Recording(Mutex::new(Vec::new())));
+        let p = Pipeline::new(source.clone(), cfg, 2, 2, BadImagePolicy::Error).unwrap();
+        let full: Vec<Vec<i64>> = p.epoch(3).map(|b| b.unwrap().image_ids).collect();
+        assert_eq!(full.len(), 6);
+        source.0.lock().unwrap().clear();
+        let tail = p.epoch_from(3, 4);
+        assert_eq!(tail.len(), 2);
+        assert_eq!(tail.plan(), &p.plan().batches(20, 3)[4..]);
+        let tail: Vec<Vec<i64>> = tail.map(|b| b.unwrap().image_ids).collect();
+        assert_eq!(tail, full[4..]);
+        let mut loaded = source.0.lock().unwrap().clone();
+        loaded.sort_unstable();
+        let mut expected: Vec<usize> = full[4..].iter().flatten().map(|&i| i as usize).collect();
+        expected.sort_unstable();
+        assert_eq!(loaded, expected, "only the tail's images are decoded");
+        assert_eq!(p.epoch_from(3, 6).count(), 0);
+        assert_eq!(p.epoch_from(3, 99).count(), 0);
     }
 }

@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use numpy::ndarray::{Array2, Array3, Array4, ArrayD, IxDyn};
-use numpy::{IntoPyArray, PyArray};
+use numpy::ndarray::{Array2, Array3, ArrayD, ArrayView, Dimension, IntoDimension, IxDyn};
+use numpy::{Element, IntoPyArray, PyArray};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -22,6 +22,7 @@ use crate::error::LoaderError;
 use crate::pipeline::{
     BadImagePolicy, CocoSource, EpochIter, ImageListSource, Pipeline, PlanConfig, Source,
 };
+use crate::pool::PooledVec;
 use crate::transforms::AugmentConfig;
 
 // pyo3 0.22's macro checks a `gil-refs` feature this crate does not declare.
@@ -60,15 +61,53 @@ fn boxes_to_py<'py>(py: Python<'py>, boxes: Vec<f32>) -> Bound<'py, PyAny> {
         .into_any()
 }
 
+/// The owner of a pooled batch buffer that NumPy arrays view: when the last array over it is
+/// garbage, Python drops this object and the buffer goes back to its pool.
+#[pyclass(module = "ddetr_cli._loader", frozen)]
+struct BatchBuffer {
+    _buffer: PooledBuffer,
+}
+
+// The buffers are only held, to be dropped (returned to their pool) with their owner.
+#[allow(dead_code)]
+enum PooledBuffer {
+    F32(PooledVec<f32>),
+    Bool(PooledVec<bool>),
+}
+
+/// A NumPy array of shape `dim` over `buffer`, without a copy; the array keeps the buffer alive.
+fn pooled_array<'py, T: Element, D: Dimension>(
+    py: Python<'py>,
+    buffer: PooledVec<T>,
+    dim: D,
+    wrap: fn(PooledVec<T>) -> PooledBuffer,
+) -> PyResult<Bound<'py, PyAny>> {
+    assert_eq!(dim.size(), buffer.len(), "shape matches buffer");
+    // The heap block does not move when the vector moves into its owner below.
+    let data = buffer.as_ptr();
+    // SAFETY: `data` points to `dim.size()` initialised elements of `buffer`, a contiguous
+    // row-major block.
+    let view = unsafe { ArrayView::from_shape_ptr(dim, data) };
+    let owner = Bound::new(
+        py,
+        BatchBuffer {
+            _buffer: wrap(buffer),
+        },
+    )?;
+    // SAFETY: `owner` becomes the array's base object, so it outlives the array, and it never
+    // touches (let alone reallocates) the buffer before it is dropped.
+    Ok(unsafe { PyArray::borrow_from_array_bound(&view, owner.into_any()) }.into_any())
+}
+
 /// `(images, mask, boxes, labels, counts, image_ids, orig_sizes, sizes, paths, images_address)`.
-fn batch_to_py(py: Python<'_>, batch: Batch) -> PyResult<PyObject> {
+fn batch_to_py(py: Python<'_>, mut batch: Batch) -> PyResult<PyObject> {
     let [b, c, h, w] = batch.shape;
     let address = batch.images.as_ptr() as usize;
-    let images = Array4::from_shape_vec((b, c, h, w), batch.images).expect("shape matches buffer");
-    let mask = Array3::from_shape_vec((b, h, w), batch.mask).expect("shape matches buffer");
+    let images = std::mem::take(&mut batch.images);
+    let mask = std::mem::take(&mut batch.mask);
     let items: Vec<PyObject> = vec![
-        images.into_pyarray_bound(py).into_any().unbind(),
-        mask.into_pyarray_bound(py).into_any().unbind(),
+        pooled_array(py, images, (b, c, h, w).into_dimension(), PooledBuffer::F32)?.unbind(),
+        pooled_array(py, mask, (b, h, w).into_dimension(), PooledBuffer::Bool)?.unbind(),
         boxes_to_py(py, batch.boxes).unbind(),
         batch.labels.into_pyarray_bound(py).into_any().unbind(),
         batch.counts.into_py(py),
@@ -252,10 +291,12 @@ impl CocoLoaderCore {
         self.pipeline.skipped()
     }
 
-    /// Starts epoch `epoch` and returns its batch iterator.
-    fn epoch(&self, epoch: u64) -> BatchIter {
+    /// Starts epoch `epoch` at batch `start_batch` of its plan (0: the whole epoch) and returns
+    /// its batch iterator; skipped batches are not decoded.
+    #[pyo3(signature = (epoch, start_batch=0))]
+    fn epoch(&self, epoch: u64, start_batch: usize) -> BatchIter {
         BatchIter {
-            inner: self.pipeline.epoch(epoch),
+            inner: self.pipeline.epoch_from(epoch, start_batch),
         }
     }
 
@@ -375,6 +416,7 @@ fn _loader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CocoLoaderCore>()?;
     m.add_class::<ImageListCore>()?;
     m.add_class::<BatchIter>()?;
+    m.add_class::<BatchBuffer>()?;
     m.add_function(wrap_pyfunction!(decode_file, m)?)?;
     m.add_function(wrap_pyfunction!(parse_annotations, m)?)?;
     m.add_function(wrap_pyfunction!(_rust_owned_array, m)?)?;

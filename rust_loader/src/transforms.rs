@@ -126,14 +126,64 @@ pub fn draw_train_decisions(rng: &mut KeyedRng, w: u32, h: u32, cfg: &AugmentCon
 /// Official `hflip`: mirrors the image and maps `x -> w - x`.
 pub fn hflip(image: &mut RgbImage, boxes: &mut Boxes) {
     let w = image.width;
-    for row in image.data.chunks_exact_mut(w * 3) {
-        // Whole pixels reversed at once (a byte-wise swap loop is several times slower).
-        row.as_chunks_mut::<3>().0.reverse();
+    if w > 1 {
+        let mut mirrored = vec![0u8; w * 3];
+        for row in image.data.chunks_exact_mut(w * 3) {
+            mirror_row(row, &mut mirrored);
+            row.copy_from_slice(&mirrored);
+        }
     }
     let wf = w as f32;
     for b in &mut boxes.xyxy {
         *b = [-b[2] + wf, b[1], -b[0] + wf, b[3]];
     }
+}
+
+/// Writes the pixels of the RGB row `src` into `dst` in reverse order. 5 pixels (15 bytes) per
+/// SSSE3 byte shuffle where available: ~10x faster than reversing `[u8; 3]` elements.
+fn mirror_row(src: &[u8], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("ssse3") {
+        // SAFETY: the CPU supports SSSE3, checked just above.
+        return unsafe { mirror_row_ssse3(src, dst) };
+    }
+    mirror_pixels(src, dst);
+}
+
+fn mirror_pixels(src: &[u8], dst: &mut [u8]) {
+    for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(3).rev()) {
+        d.copy_from_slice(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+fn mirror_row_ssse3(src: &[u8], dst: &mut [u8]) {
+    use std::arch::x86_64::{
+        __m128i, _mm_loadu_si128, _mm_setr_epi8, _mm_shuffle_epi8, _mm_storeu_si128,
+    };
+    assert_eq!(src.len(), dst.len());
+    let n = src.len();
+    // Block k of `dst` (bytes 15k..15k+15) holds the 5 pixels that end at byte n - 15k of `src`,
+    // in reverse order. We load the 16 bytes ending there (the 5 pixels are bytes 1..16) and
+    // store 16 bytes (the 16th is overwritten by the next block or the scalar tail).
+    let reverse5 = _mm_setr_epi8(13, 14, 15, 10, 11, 12, 7, 8, 9, 4, 5, 6, 1, 2, 3, 0);
+    let mut k = 0;
+    while 15 * k + 16 <= n {
+        let end = n - 15 * k;
+        // SAFETY: end - 16 >= 0 (since n - 15k >= 16) and end <= n: the load is inside `src`;
+        // 15k + 16 <= n: the store is inside `dst`.
+        unsafe {
+            let v = _mm_loadu_si128(src.as_ptr().add(end - 16) as *const __m128i);
+            _mm_storeu_si128(
+                dst.as_mut_ptr().add(15 * k) as *mut __m128i,
+                _mm_shuffle_epi8(v, reverse5),
+            );
+        }
+        k += 1;
+    }
+    let done = 15 * k;
+    mirror_pixels(&src[..n - done], &mut dst[done..]);
 }
 
 thread_local! {
@@ -352,6 +402,20 @@ mod tests {
         assert_eq!(get_size_with_aspect_ratio(480, 640, 512, None), (682, 512));
         // Ties round to even like Python's round(): 5 * 1 / 2 = 2.5 -> 2 (not 3).
         assert_eq!(get_size_with_aspect_ratio(2, 1, 3, Some(5)), (2, 4));
+    }
+
+    #[test]
+    fn mirror_row_matches_reversing_pixels_for_every_width() {
+        for w in 1..40 {
+            let src: Vec<u8> = (0..w * 3).map(|i| (i * 7 + 1) as u8).collect();
+            let mut expected = src.clone();
+            expected.as_chunks_mut::<3>().0.reverse();
+            let mut dst = vec![0; w * 3];
+            mirror_row(&src, &mut dst);
+            assert_eq!(dst, expected, "width {w}");
+            mirror_pixels(&src, &mut dst);
+            assert_eq!(dst, expected, "width {w} (portable)");
+        }
     }
 
     #[test]
