@@ -67,7 +67,8 @@ class CocoLoader:
 
     train=True: random horizontal flip, then either a multi-scale resize (shorter side in `scales`,
     longer side <= `max_size`) or resize to `crop_resize` + random crop in `crop_size` + multi-scale
-    resize (that branch with probability `crop_prob`, officially 0.5); crowd boxes dropped. train=False: shorter side `val_size`, longer side <= `max_size`.
+    resize (that branch with probability `crop_prob`, officially 0.5); crowd boxes dropped.
+    train=False: shorter side `val_size`, longer side <= `max_size`.
     Shuffling (default: train) and drop_last (default: train) follow the official main.py; with
     world_size > 1 every rank gets an equal-length shard, padded by repetition like
     `DistributedSampler`. label_mapping="compact" numbers categories 0..K-1 in sorted id order;
