@@ -97,6 +97,21 @@ def test_console_script_exit_codes(tmp_path):
     )
 
 
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_entry_point_makes_openmp_threads_wait_passively(monkeypatch, preset):
+    from ddetr_cli import cli
+
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    monkeypatch.setattr(sys, "argv", ["ddetr", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code in (0, None)
+    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")
+
+
 def test_global_flags_anywhere(synthetic_coco, tmp_path):
     det_file = tmp_path / "det.json"
     det_file.write_text("[]")
