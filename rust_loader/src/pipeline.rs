@@ -18,7 +18,9 @@ use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
 use crate::decode::{decode_image, RgbImage};
 use crate::error::{LoaderError, Result};
 use crate::rng::KeyedRng;
-use crate::transforms::{self, apply_train, apply_val, draw_train_decisions, AugmentConfig, Boxes};
+use crate::transforms::{
+    self, apply_train_staged, apply_val_staged, draw_train_decisions, AugmentConfig, Boxes,
+};
 
 const STREAM_SHUFFLE: u64 = 1;
 const STREAM_AUGMENT: u64 = 2;
@@ -131,12 +133,15 @@ impl Source for CocoSource {
                 image.height as u32,
                 &self.augment,
             );
-            (apply_train(image, &mut boxes, &d, &self.augment), Some(d))
+            (
+                apply_train_staged(image, &mut boxes, &d, &self.augment),
+                Some(d),
+            )
         } else {
-            (apply_val(&image, &mut boxes, &self.augment), None)
+            (apply_val_staged(image, &mut boxes, &self.augment), None)
         };
         Ok(Sample {
-            boxes: transforms::normalize_boxes(&boxes, image.width, image.height),
+            boxes: transforms::normalize_boxes(&boxes, image.width(), image.height()),
             labels: boxes.labels,
             image_id: record.id,
             orig_size,
@@ -162,7 +167,7 @@ impl Source for ImageListSource {
         let path = &self.paths[index];
         let image = read_and_decode(path)?;
         let orig_size = (image.height as u32, image.width as u32);
-        let image = apply_val(&image, &mut Boxes::default(), &self.augment);
+        let image = apply_val_staged(image, &mut Boxes::default(), &self.augment);
         Ok(Sample {
             image,
             boxes: Vec::new(),
@@ -587,7 +592,7 @@ mod tests {
                 }),
                 4 => panic!("decoder bug"),
                 _ => Ok(Sample {
-                    image: RgbImage::new(index + 1, 2, vec![index as u8; (index + 1) * 6]),
+                    image: RgbImage::new(index + 1, 2, vec![index as u8; (index + 1) * 6]).into(),
                     boxes: vec![],
                     labels: vec![],
                     image_id: index as i64,
