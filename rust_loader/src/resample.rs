@@ -325,16 +325,32 @@ impl Resize {
 
     /// The resized image as interleaved RGB.
     pub fn to_rgb(&self, src: &RgbImage) -> RgbImage {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: the CPU supports AVX2 (`self.avx2`).
+            return unsafe { self.to_rgb_avx2(src) };
+        }
+        self.to_rgb_any(src)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn to_rgb_avx2(&self, src: &RgbImage) -> RgbImage {
+        self.to_rgb_any(src)
+    }
+
+    #[inline(always)]
+    fn to_rgb_any(&self, src: &RgbImage) -> RgbImage {
         let n = self.out_w();
         let mut ring = self.ring(src);
         let mut data = vec![0u8; n * self.out_h() * 3];
+        let mut planes = vec![0u8; 3 * n];
         for (y, row) in data.chunks_exact_mut(3 * n).enumerate() {
             let (a, b, w) = self.rows(src, &mut ring, y);
-            for (x, px) in row.chunks_exact_mut(3).enumerate() {
-                for (c, v) in px.iter_mut().enumerate() {
-                    *v = vertical(a[c * n + x], b[c * n + x], w) as u8;
-                }
+            for ((out, &p), &q) in planes.iter_mut().zip(a).zip(b) {
+                *out = vertical(p, q, w) as u8;
             }
+            interleave(&planes, row, self.avx2);
         }
         RgbImage::new(n, self.out_h(), data)
     }
@@ -396,6 +412,68 @@ impl Resize {
 struct Ring {
     rows: [Vec<u8>; 2],
     tags: [usize; 2],
+}
+
+/// Interleaves three planes (`planes` = r, g, b rows of `row.len() / 3` bytes) into RGB.
+#[inline(always)]
+fn interleave(planes: &[u8], row: &mut [u8], simd: bool) {
+    let n = row.len() / 3;
+    let (r, rest) = planes.split_at(n);
+    let (g, b) = rest.split_at(n);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when the CPU supports AVX2 (hence SSSE3).
+        done = unsafe { interleave_ssse3(r, g, b, row) };
+    }
+    let _ = simd;
+    for (x, px) in row.chunks_exact_mut(3).enumerate().skip(done) {
+        px.copy_from_slice(&[r[x], g[x], b[x]]);
+    }
+}
+
+/// Interleaves 16 pixels at a time with byte shuffles; returns how many pixels it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn interleave_ssse3(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    // Output byte k of a 48-byte group is channel k % 3 of pixel k / 3.
+    let mask = |chunk: usize, channel: usize| {
+        let bytes: [u8; 16] = std::array::from_fn(|k| {
+            let k = 16 * chunk + k;
+            if k % 3 == channel {
+                (k / 3) as u8
+            } else {
+                0x80
+            }
+        });
+        // SAFETY: reading 16 bytes from a 16-byte array.
+        unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+    };
+    let masks: [[__m128i; 3]; 3] = std::array::from_fn(|k| std::array::from_fn(|c| mask(k, c)));
+    let n = row.len() / 3;
+    assert!(r.len() >= n && g.len() >= n && b.len() >= n);
+    let mut x = 0;
+    while x + 16 <= n {
+        // SAFETY: 16 bytes are read from each plane at `x + 16 <= n` and 48 written to `row`
+        // at `3 * x + 48 <= row.len()`.
+        unsafe {
+            let v = [
+                _mm_loadu_si128(r.as_ptr().add(x).cast()),
+                _mm_loadu_si128(g.as_ptr().add(x).cast()),
+                _mm_loadu_si128(b.as_ptr().add(x).cast()),
+            ];
+            for (k, m) in masks.iter().enumerate() {
+                let out = _mm_or_si128(
+                    _mm_or_si128(_mm_shuffle_epi8(v[0], m[0]), _mm_shuffle_epi8(v[1], m[1])),
+                    _mm_shuffle_epi8(v[2], m[2]),
+                );
+                _mm_storeu_si128(row.as_mut_ptr().add(3 * x + 16 * k).cast(), out);
+            }
+        }
+        x += 16;
+    }
+    x
 }
 
 /// One vertical tap pair, rounded and clamped to `u8` range.
@@ -598,6 +676,26 @@ mod tests {
                 r.horizontal.row(&img.data, row, &mut a, r.avx2);
                 r.horizontal.row_scalar(&img.data[row..], &mut b, 0, ow);
                 assert_eq!(a, b, "{w} -> {ow} flip {flip} row {row}");
+            }
+        }
+    }
+
+    #[test]
+    fn interleave_matches_scalar() {
+        for n in [0, 1, 15, 16, 17, 40, 100] {
+            let planes: Vec<u8> = (0..3 * n).map(|i| (i * 7 % 251) as u8).collect();
+            let (mut a, mut b) = (vec![0u8; 3 * n], vec![0u8; 3 * n]);
+            #[cfg(target_arch = "x86_64")]
+            interleave(&planes, &mut a, is_x86_feature_detected!("avx2"));
+            #[cfg(not(target_arch = "x86_64"))]
+            interleave(&planes, &mut a, false);
+            interleave(&planes, &mut b, false);
+            assert_eq!(a, b, "{n}");
+            for x in 0..n {
+                assert_eq!(
+                    a[3 * x..3 * x + 3],
+                    [planes[x], planes[n + x], planes[2 * n + x]]
+                );
             }
         }
     }

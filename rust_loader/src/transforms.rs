@@ -253,7 +253,12 @@ pub fn resize_window(
     let (box_left, box_top) = (f64::from(left) * sx, f64::from(top) * sy);
     let box_w = (f64::from(w) * sx).min(image.width as f64 - box_left);
     let box_h = (f64::from(h) * sy).min(image.height as f64 - box_top);
-    convolve(image, (box_left, box_top, box_w, box_h), w, h)
+    let src_box = (box_left, box_top, box_w, box_h);
+    let (w, h) = (w as usize, h as usize);
+    match Resize::new((image.width, image.height), src_box, (w, h), false) {
+        Some(resize) => resize.to_rgb(image),
+        None => resize_window_generic(image, src_box, w, h),
+    }
 }
 
 /// Bilinear convolution of the source box `(left, top, width, height)` of `image` to
