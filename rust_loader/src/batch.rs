@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::decode::RgbImage;
+use crate::decode::{recycle, RgbImage};
 use crate::pool::{BufferPool, PooledVec};
 use crate::resample::{normalise_coefficients, SampleImage};
 use crate::transforms::Decisions;
@@ -114,14 +114,15 @@ fn write_normalised_any(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: 
 }
 
 /// `[H, W]` padding mask of one image: false on its pixels, true on the padding.
-fn write_mask(image: &SampleImage, mask: &mut [bool], pad_w: usize) {
+/// Every element of `mask` is written.
+fn write_mask(image: &SampleImage, mask: &mut [MaybeUninit<bool>], pad_w: usize) {
     let (valid, padding_rows) = mask.split_at_mut(image.height() * pad_w);
     for row in valid.chunks_exact_mut(pad_w) {
         let (pixels, padding) = row.split_at_mut(image.width());
-        pixels.fill(false);
-        padding.fill(true);
+        pixels.fill(MaybeUninit::new(false));
+        padding.fill(MaybeUninit::new(true));
     }
-    padding_rows.fill(true);
+    padding_rows.fill(MaybeUninit::new(true));
 }
 
 /// Recycled image and mask buffers of a pipeline's batches (see [`crate::pool`]).
@@ -161,19 +162,22 @@ pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
     let slot_len = 3 * pad_h * pad_w;
     let mut images = pools.images.take(n * slot_len);
     let mut mask = pools.mask.take(n * pad_h * pad_w);
-    mask.resize(n * pad_h * pad_w, true);
     if slot_len > 0 {
         images.spare_capacity_mut()[..n * slot_len]
             .par_chunks_mut(slot_len)
-            .zip(mask.par_chunks_mut(pad_h * pad_w))
+            .zip(mask.spare_capacity_mut()[..n * pad_h * pad_w].par_chunks_mut(pad_h * pad_w))
             .zip(samples.par_iter())
             .for_each(|((slot, mask), s)| {
                 write_image(&s.image, slot, pad_w);
                 write_mask(&s.image, mask, pad_w);
             });
     }
-    // SAFETY: `write_image` wrote all `slot_len` elements of each of the `n` slots.
-    unsafe { images.set_len(n * slot_len) };
+    // SAFETY: `write_image` wrote all `slot_len` elements of each of the `n` slots and
+    // `write_mask` all `pad_h * pad_w` elements of each of the `n` masks.
+    unsafe {
+        images.set_len(n * slot_len);
+        mask.set_len(n * pad_h * pad_w);
+    }
     let mut batch = Batch {
         shape: [n, 3, pad_h, pad_w],
         images,
@@ -181,14 +185,19 @@ pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
         ..Batch::default()
     };
     for s in samples {
+        batch
+            .sizes
+            .push((s.image.height() as u32, s.image.width() as u32));
+        // The pixels are in the batch now: their buffers go to the next decodes.
+        match s.image {
+            SampleImage::Rgb(image) => recycle(image.data),
+            SampleImage::Pending(p) => recycle(p.source.data),
+        }
         batch.boxes.extend(s.boxes.iter().flatten());
         batch.labels.extend(&s.labels);
         batch.counts.push(s.labels.len());
         batch.image_ids.push(s.image_id);
         batch.orig_sizes.push(s.orig_size);
-        batch
-            .sizes
-            .push((s.image.height() as u32, s.image.width() as u32));
         batch.paths.push(s.path);
     }
     batch

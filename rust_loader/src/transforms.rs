@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
-use crate::decode::RgbImage;
+use crate::decode::{recycle, RgbImage};
 use crate::resample::{PendingResize, Resize, SampleImage};
 use crate::rng::KeyedRng;
 
@@ -387,7 +387,8 @@ pub fn apply_train_staged(
         let (ph, pw) = get_size_with_aspect_ratio(w, h, c.pre_size, None);
         scale_boxes(boxes, (w, h), (pw, ph));
         crop_boxes(boxes, c.region);
-        image = resize_window(&image, pw as usize, ph as usize, c.region);
+        let window = resize_window(&image, pw as usize, ph as usize, c.region);
+        recycle(std::mem::replace(&mut image, window).data);
     }
     let (w, h) = (image.width as u32, image.height as u32);
     let (oh, ow) = get_size_with_aspect_ratio(w, h, d.size, Some(cfg.max_size));
