@@ -13,7 +13,7 @@ use zune_jpeg::JpegDecoder;
 use zune_png::PngDecoder;
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RgbImage {
     pub width: usize,
     pub height: usize,

@@ -383,12 +383,21 @@ impl Pipeline {
     }
 
     /// Loads one sample directly (no batching), with the same augmentation draw as in epoch
-    /// `epoch`; used to replay decisions in tests.
+    /// `epoch`, its pixels computed (`SampleImage::Rgb`); used to replay decisions in tests.
     pub fn sample(&self, index: usize, epoch: u64) -> Result<Sample> {
         if index >= self.shared.source.len() {
             return Err(LoaderError::Config(format!("index {index} out of range")));
         }
-        self.pool.install(|| self.shared.load_guarded(index, epoch))
+        self.pool.install(|| {
+            let mut sample = self.shared.load_guarded(index, epoch)?;
+            // Run a pending resize here (worker thread, panics caught), not in the caller.
+            catch_unwind(AssertUnwindSafe(move || {
+                let image = std::mem::replace(&mut sample.image, RgbImage::default().into());
+                sample.image = image.into_rgb().into();
+                sample
+            }))
+            .map_err(|panic| LoaderError::Internal(panic_message(&panic)))
+        })
     }
 
     /// Starts iterating epoch `epoch`.
