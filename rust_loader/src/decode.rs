@@ -43,7 +43,8 @@ const MAX_SPARE_BUFFERS: usize = 16;
 
 /// Hands the pixel buffer of an image that is no longer needed back for reuse by decodes.
 pub fn recycle(buffer: Vec<u8>) {
-    if buffer.capacity() < 64 * 1024 {
+    // Small buffers gain nothing; huge ones (rare giant images) would be kept idle for long.
+    if !(64 << 10..=64 << 20).contains(&buffer.capacity()) {
         return;
     }
     let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
