@@ -5,17 +5,16 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::decode::RgbImage;
+use crate::decode::{recycle, RgbImage};
 use crate::pool::{BufferPool, PooledVec};
+use crate::resample::{normalise_coefficients, SampleImage};
 use crate::transforms::Decisions;
-
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// One transformed image with its target, ready for collation.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    pub image: RgbImage,
+    /// Its pixels, or the pending resize that makes them (run by the collation).
+    pub image: SampleImage,
     /// Normalised `cxcywh` boxes of the transformed image.
     pub boxes: Vec<[f32; 4]>,
     pub labels: Vec<i64>,
@@ -44,10 +43,19 @@ pub struct Batch {
     pub paths: Vec<String>,
 }
 
+/// Writes one sample's image as normalised CHW f32 into the top-left of a `[3, H, W]` slot and
+/// zeros into the rest: every element of the slot is written exactly once. A pending resize runs
+/// here, writing the slot directly.
+fn write_image(image: &SampleImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
+    match image {
+        SampleImage::Rgb(image) => write_normalised(image, slot, pad_w),
+        SampleImage::Pending(p) => p.resize.write_normalised(&p.source, slot, pad_w),
+    }
+}
+
 /// Writes one HWC u8 image as normalised CHW f32 into the top-left of a `[3, H, W]` slot and
-/// zeros into the rest: every element of the slot is written exactly once. The arithmetic loop
-/// is compiled twice, the second time for AVX2 (picked at run time: the wheel itself targets
-/// baseline x86-64); vectorised it is about 1.5x faster than a 256-entry lookup table.
+/// zeros into the rest. The arithmetic loop is compiled twice, the second time for AVX2 (picked
+/// at run time: the wheel itself targets baseline x86-64).
 fn write_normalised(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
@@ -63,8 +71,7 @@ fn write_normalised_avx2(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w:
     write_normalised_any(image, slot, pad_w);
 }
 
-/// `(v / 255 - mean) / std` with the f32 operations of `to_tensor` + `normalize`, so the values
-/// are bit-identical to torchvision's (a fused `v * scale + offset` would differ in the last bit).
+/// `(v / 255 - mean) / std` as `v * scale + offset` (within 1e-6 of torchvision's values).
 #[inline(always)]
 fn write_normalised_any(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: usize) {
     // The collate's SAFETY argument rests on this: every pixel row exists, so all get written.
@@ -73,7 +80,8 @@ fn write_normalised_any(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: 
         image.width * image.height * 3,
         "RgbImage size"
     );
-    let norm = |v: u8, c: usize| (f32::from(v) / 255.0 - MEAN[c]) / STD[c];
+    let (scale, offset) = normalise_coefficients();
+    let norm = |v: u8, c: usize| f32::from(v) * scale[c] + offset[c];
     let zero = MaybeUninit::new(0.0);
     let plane_len = slot.len() / 3;
     let (r_plane, rest) = slot.split_at_mut(plane_len);
@@ -106,14 +114,15 @@ fn write_normalised_any(image: &RgbImage, slot: &mut [MaybeUninit<f32>], pad_w: 
 }
 
 /// `[H, W]` padding mask of one image: false on its pixels, true on the padding.
-fn write_mask(image: &RgbImage, mask: &mut [bool], pad_w: usize) {
-    let (valid, padding_rows) = mask.split_at_mut(image.height * pad_w);
+/// Every element of `mask` is written.
+fn write_mask(image: &SampleImage, mask: &mut [MaybeUninit<bool>], pad_w: usize) {
+    let (valid, padding_rows) = mask.split_at_mut(image.height() * pad_w);
     for row in valid.chunks_exact_mut(pad_w) {
-        let (pixels, padding) = row.split_at_mut(image.width);
-        pixels.fill(false);
-        padding.fill(true);
+        let (pixels, padding) = row.split_at_mut(image.width());
+        pixels.fill(MaybeUninit::new(false));
+        padding.fill(MaybeUninit::new(true));
     }
-    padding_rows.fill(true);
+    padding_rows.fill(MaybeUninit::new(true));
 }
 
 /// Recycled image and mask buffers of a pipeline's batches (see [`crate::pool`]).
@@ -148,24 +157,27 @@ pub fn collate(samples: Vec<Sample>) -> Batch {
 /// zero-filled first).
 pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
     let n = samples.len();
-    let pad_h = samples.iter().map(|s| s.image.height).max().unwrap_or(0);
-    let pad_w = samples.iter().map(|s| s.image.width).max().unwrap_or(0);
+    let pad_h = samples.iter().map(|s| s.image.height()).max().unwrap_or(0);
+    let pad_w = samples.iter().map(|s| s.image.width()).max().unwrap_or(0);
     let slot_len = 3 * pad_h * pad_w;
     let mut images = pools.images.take(n * slot_len);
     let mut mask = pools.mask.take(n * pad_h * pad_w);
-    mask.resize(n * pad_h * pad_w, true);
     if slot_len > 0 {
         images.spare_capacity_mut()[..n * slot_len]
             .par_chunks_mut(slot_len)
-            .zip(mask.par_chunks_mut(pad_h * pad_w))
+            .zip(mask.spare_capacity_mut()[..n * pad_h * pad_w].par_chunks_mut(pad_h * pad_w))
             .zip(samples.par_iter())
             .for_each(|((slot, mask), s)| {
-                write_normalised(&s.image, slot, pad_w);
+                write_image(&s.image, slot, pad_w);
                 write_mask(&s.image, mask, pad_w);
             });
     }
-    // SAFETY: `write_normalised` wrote all `slot_len` elements of each of the `n` slots.
-    unsafe { images.set_len(n * slot_len) };
+    // SAFETY: `write_image` wrote all `slot_len` elements of each of the `n` slots and
+    // `write_mask` all `pad_h * pad_w` elements of each of the `n` masks.
+    unsafe {
+        images.set_len(n * slot_len);
+        mask.set_len(n * pad_h * pad_w);
+    }
     let mut batch = Batch {
         shape: [n, 3, pad_h, pad_w],
         images,
@@ -173,14 +185,19 @@ pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
         ..Batch::default()
     };
     for s in samples {
+        batch
+            .sizes
+            .push((s.image.height() as u32, s.image.width() as u32));
+        // The pixels are in the batch now: their buffers go to the next decodes.
+        match s.image {
+            SampleImage::Rgb(image) => recycle(image.data),
+            SampleImage::Pending(p) => recycle(p.source.data),
+        }
         batch.boxes.extend(s.boxes.iter().flatten());
         batch.labels.extend(&s.labels);
         batch.counts.push(s.labels.len());
         batch.image_ids.push(s.image_id);
         batch.orig_sizes.push(s.orig_size);
-        batch
-            .sizes
-            .push((s.image.height as u32, s.image.width as u32));
         batch.paths.push(s.path);
     }
     batch
@@ -192,7 +209,7 @@ mod tests {
 
     fn sample(w: usize, h: usize, value: u8, nboxes: usize) -> Sample {
         Sample {
-            image: RgbImage::new(w, h, vec![value; w * h * 3]),
+            image: RgbImage::new(w, h, vec![value; w * h * 3]).into(),
             boxes: vec![[0.5, 0.5, 0.2, 0.2]; nboxes],
             labels: vec![1; nboxes],
             image_id: w as i64,
@@ -242,7 +259,7 @@ mod tests {
     #[test]
     fn channels_are_planar_in_rgb_order() {
         let mut s = sample(1, 1, 0, 0);
-        s.image.data = vec![255, 0, 255];
+        s.image = RgbImage::new(1, 1, vec![255, 0, 255]).into();
         let batch = collate(vec![s]);
         let expected = [(1.0 - 0.485) / 0.229, -0.456 / 0.224, (1.0 - 0.406) / 0.225];
         for (v, e) in batch.images.iter().zip(expected) {

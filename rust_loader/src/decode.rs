@@ -5,13 +5,15 @@
 //! expanded, CMYK is converted to RGB, EXIF orientation is ignored. 16-bit PNGs keep the high
 //! byte of each sample (Pillow does the same for RGB; for 16-bit grayscale Pillow clips to 255,
 //! which we do not copy). Truncated or corrupt files are errors, never silently padded.
+use std::sync::Mutex;
+
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 use zune_png::PngDecoder;
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RgbImage {
     pub width: usize,
     pub height: usize,
@@ -31,6 +33,43 @@ impl RgbImage {
     pub fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
         let o = (y * self.width + x) * 3;
         [self.data[o], self.data[o + 1], self.data[o + 2]]
+    }
+}
+
+/// Idle pixel buffers of consumed images, reused by later decodes: a fresh buffer of a decoded
+/// image (about 1 MB) costs a memset and, often, page faults.
+static SPARE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const MAX_SPARE_BUFFERS: usize = 16;
+
+/// Hands the pixel buffer of an image that is no longer needed back for reuse by decodes.
+pub fn recycle(buffer: Vec<u8>) {
+    // Small buffers gain nothing; huge ones (rare giant images) would be kept idle for long.
+    if !(64 << 10..=64 << 20).contains(&buffer.capacity()) {
+        return;
+    }
+    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+    if spare.len() < MAX_SPARE_BUFFERS {
+        spare.push(buffer);
+    }
+}
+
+/// A buffer of `len` initialised bytes (of unspecified value): the smallest idle one that holds
+/// `len` bytes, or a new one.
+fn pixel_buffer(len: usize) -> Vec<u8> {
+    let recycled = {
+        let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        (0..spare.len())
+            .filter(|&i| spare[i].capacity() >= len)
+            .min_by_key(|&i| spare[i].capacity())
+            .map(|i| spare.swap_remove(i))
+    };
+    match recycled {
+        Some(mut buffer) => {
+            // Keeps the old bytes; only a length beyond the old one is zero-filled.
+            buffer.resize(len, 0);
+            buffer
+        }
+        None => vec![0; len],
     }
 }
 
@@ -63,13 +102,23 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
     }
     let mut decoder =
         JpegDecoder::new_with_options(bytes, options().jpeg_set_out_colorspace(ColorSpace::RGB));
-    let data = decoder.decode().map_err(|e| format!("JPEG: {e:?}"))?;
+    decoder
+        .decode_headers()
+        .map_err(|e| format!("JPEG: {e:?}"))?;
+    let size = decoder.output_buffer_size().ok_or("JPEG: missing header")?;
+    // A recycled buffer (see `recycle`): decode_into overwrites it, so it needs no zeroing.
+    let mut data = pixel_buffer(size);
+    decoder
+        .decode_into(&mut data)
+        .map_err(|e| format!("JPEG: {e:?}"))?;
     let info = decoder.info().ok_or("JPEG: missing header")?;
     let (width, height) = (usize::from(info.width), usize::from(info.height));
     let colorspace = decoder
         .get_output_colorspace()
         .unwrap_or(ColorSpace::Unknown);
     let expected = width * height * colorspace.num_components();
+    // The buffer was sized for RGB; a single-channel JPEG fills only the start of it.
+    data.truncate(expected);
     if data.len() != expected {
         return Err(format!(
             "JPEG: {} bytes of pixel data, expected {expected}",
@@ -185,6 +234,18 @@ mod tests {
         ] {
             let mad = mean_abs_diff_to_reference(name);
             assert!(mad == 0.0, "{name}: mean abs diff {mad}");
+        }
+    }
+
+    #[test]
+    fn recycled_buffers_give_the_same_pixels() {
+        let jpeg = fixture("rgb.jpg");
+        let first = decode_image(&jpeg).unwrap();
+        for _ in 0..3 {
+            recycle(vec![0xAB; 200 * 1024]);
+            assert_eq!(decode_image(&jpeg).unwrap(), first);
+            let gray = decode_image(&fixture("gray.jpg")).unwrap();
+            assert_eq!(gray.data.len(), 24 * 16 * 3);
         }
     }
 

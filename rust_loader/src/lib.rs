@@ -8,6 +8,7 @@ pub mod decode;
 pub mod error;
 pub mod pipeline;
 pub mod pool;
+pub mod resample;
 pub mod rng;
 pub mod transforms;
 

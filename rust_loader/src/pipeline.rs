@@ -18,7 +18,9 @@ use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
 use crate::decode::{decode_image, RgbImage};
 use crate::error::{LoaderError, Result};
 use crate::rng::KeyedRng;
-use crate::transforms::{self, apply_train, apply_val, draw_train_decisions, AugmentConfig, Boxes};
+use crate::transforms::{
+    self, apply_train_staged, apply_val_staged, draw_train_decisions, AugmentConfig, Boxes,
+};
 
 const STREAM_SHUFFLE: u64 = 1;
 const STREAM_AUGMENT: u64 = 2;
@@ -131,12 +133,15 @@ impl Source for CocoSource {
                 image.height as u32,
                 &self.augment,
             );
-            (apply_train(image, &mut boxes, &d, &self.augment), Some(d))
+            (
+                apply_train_staged(image, &mut boxes, &d, &self.augment),
+                Some(d),
+            )
         } else {
-            (apply_val(&image, &mut boxes, &self.augment), None)
+            (apply_val_staged(image, &mut boxes, &self.augment), None)
         };
         Ok(Sample {
-            boxes: transforms::normalize_boxes(&boxes, image.width, image.height),
+            boxes: transforms::normalize_boxes(&boxes, image.width(), image.height()),
             labels: boxes.labels,
             image_id: record.id,
             orig_size,
@@ -162,7 +167,7 @@ impl Source for ImageListSource {
         let path = &self.paths[index];
         let image = read_and_decode(path)?;
         let orig_size = (image.height as u32, image.width as u32);
-        let image = apply_val(&image, &mut Boxes::default(), &self.augment);
+        let image = apply_val_staged(image, &mut Boxes::default(), &self.augment);
         Ok(Sample {
             image,
             boxes: Vec::new(),
@@ -378,12 +383,21 @@ impl Pipeline {
     }
 
     /// Loads one sample directly (no batching), with the same augmentation draw as in epoch
-    /// `epoch`; used to replay decisions in tests.
+    /// `epoch`, its pixels computed (`SampleImage::Rgb`); used to replay decisions in tests.
     pub fn sample(&self, index: usize, epoch: u64) -> Result<Sample> {
         if index >= self.shared.source.len() {
             return Err(LoaderError::Config(format!("index {index} out of range")));
         }
-        self.pool.install(|| self.shared.load_guarded(index, epoch))
+        self.pool.install(|| {
+            let mut sample = self.shared.load_guarded(index, epoch)?;
+            // Run a pending resize here (worker thread, panics caught), not in the caller.
+            catch_unwind(AssertUnwindSafe(move || {
+                let image = std::mem::replace(&mut sample.image, RgbImage::default().into());
+                sample.image = image.into_rgb().into();
+                sample
+            }))
+            .map_err(|panic| LoaderError::Internal(panic_message(&panic)))
+        })
     }
 
     /// Starts iterating epoch `epoch`.
@@ -587,7 +601,7 @@ mod tests {
                 }),
                 4 => panic!("decoder bug"),
                 _ => Ok(Sample {
-                    image: RgbImage::new(index + 1, 2, vec![index as u8; (index + 1) * 6]),
+                    image: RgbImage::new(index + 1, 2, vec![index as u8; (index + 1) * 6]).into(),
                     boxes: vec![],
                     labels: vec![],
                     image_id: index as i64,

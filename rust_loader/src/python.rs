@@ -122,8 +122,8 @@ fn batch_to_py(py: Python<'_>, mut batch: Batch) -> PyResult<PyObject> {
 
 fn sample_to_py(py: Python<'_>, sample: Sample) -> PyResult<PyObject> {
     let d = PyDict::new_bound(py);
-    d.set_item("size", (sample.image.height, sample.image.width))?;
-    d.set_item("image", image_to_py(py, sample.image))?;
+    d.set_item("size", (sample.image.height(), sample.image.width()))?;
+    d.set_item("image", image_to_py(py, sample.image.into_rgb()))?;
     d.set_item(
         "boxes",
         boxes_to_py(py, sample.boxes.into_iter().flatten().collect()),

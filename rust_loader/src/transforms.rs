@@ -9,7 +9,8 @@ use std::cell::RefCell;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
-use crate::decode::RgbImage;
+use crate::decode::{recycle, RgbImage};
+use crate::resample::{PendingResize, Resize, SampleImage};
 use crate::rng::KeyedRng;
 
 /// Boxes (absolute `xyxy`) and their class indices.
@@ -133,6 +134,11 @@ pub fn hflip(image: &mut RgbImage, boxes: &mut Boxes) {
             row.copy_from_slice(&mirrored);
         }
     }
+    flip_boxes(boxes, w);
+}
+
+/// The box part of official `hflip` for an image `w` pixels wide.
+fn flip_boxes(boxes: &mut Boxes, w: usize) {
     let wf = w as f32;
     for b in &mut boxes.xyxy {
         *b = [-b[2] + wf, b[1], -b[0] + wf, b[3]];
@@ -197,7 +203,36 @@ pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
         return image.clone();
     }
     let whole = (0.0, 0.0, image.width as f64, image.height as f64);
-    convolve(image, whole, out_w as u32, out_h as u32)
+    resize_window_generic(image, whole, out_w, out_h)
+}
+
+/// The source box `(left, top, width, height)` of `image` resized to `out_w x out_h` by
+/// fast_image_resize (any scale; [`crate::resample`] is the faster 2-tap path).
+pub fn resize_window_generic(
+    image: &RgbImage,
+    src_box: (f64, f64, f64, f64),
+    out_w: usize,
+    out_h: usize,
+) -> RgbImage {
+    convolve(image, src_box, out_w as u32, out_h as u32)
+}
+
+/// Resize of `image` (mirrored first when `flip`) to `out_w x out_h`: a pending 2-tap resize when
+/// it is one (upscaling), otherwise done now by the generic path.
+fn resize_staged(mut image: RgbImage, out_w: usize, out_h: usize, flip: bool) -> SampleImage {
+    let whole = (0.0, 0.0, image.width as f64, image.height as f64);
+    match Resize::new((image.width, image.height), whole, (out_w, out_h), flip) {
+        Some(resize) => SampleImage::Pending(Box::new(PendingResize {
+            source: image,
+            resize,
+        })),
+        None => {
+            if flip {
+                hflip(&mut image, &mut Boxes::default());
+            }
+            SampleImage::Rgb(resize_image(&image, out_w, out_h))
+        }
+    }
 }
 
 /// The window `region = (top, left, height, width)` of `image` resized to `resized_w x resized_h`,
@@ -218,7 +253,12 @@ pub fn resize_window(
     let (box_left, box_top) = (f64::from(left) * sx, f64::from(top) * sy);
     let box_w = (f64::from(w) * sx).min(image.width as f64 - box_left);
     let box_h = (f64::from(h) * sy).min(image.height as f64 - box_top);
-    convolve(image, (box_left, box_top, box_w, box_h), w, h)
+    let src_box = (box_left, box_top, box_w, box_h);
+    let (w, h) = (w as usize, h as usize);
+    match Resize::new((image.width, image.height), src_box, (w, h), false) {
+        Some(resize) => resize.to_rgb(image),
+        None => resize_window_generic(image, src_box, w, h),
+    }
 }
 
 /// Bilinear convolution of the source box `(left, top, width, height)` of `image` to
@@ -318,9 +358,27 @@ pub fn apply_train(
     d: &Decisions,
     cfg: &AugmentConfig,
 ) -> RgbImage {
+    apply_train_staged(image, boxes, d, cfg).into_rgb()
+}
+
+/// [`apply_train`] with the last resize left pending when it is a 2-tap one (it then runs when
+/// the batch is collated, writing normalised values straight into the batch).
+pub fn apply_train_staged(
+    image: RgbImage,
+    boxes: &mut Boxes,
+    d: &Decisions,
+    cfg: &AugmentConfig,
+) -> SampleImage {
     let mut image = image;
+    // Without a crop the flip is folded into the final resize (when that is a 2-tap one).
+    let mut flip_pending = false;
     if d.flip {
-        hflip(&mut image, boxes);
+        if d.crop.is_none() {
+            flip_boxes(boxes, image.width);
+            flip_pending = true;
+        } else {
+            hflip(&mut image, boxes);
+        }
     }
     if let Some(c) = d.crop {
         // Official order (resize to `pre_size`, then crop) for the boxes; the pixels of the
@@ -329,14 +387,26 @@ pub fn apply_train(
         let (ph, pw) = get_size_with_aspect_ratio(w, h, c.pre_size, None);
         scale_boxes(boxes, (w, h), (pw, ph));
         crop_boxes(boxes, c.region);
-        image = resize_window(&image, pw as usize, ph as usize, c.region);
+        let window = resize_window(&image, pw as usize, ph as usize, c.region);
+        recycle(std::mem::replace(&mut image, window).data);
     }
-    resize(&image, boxes, d.size, Some(cfg.max_size))
+    let (w, h) = (image.width as u32, image.height as u32);
+    let (oh, ow) = get_size_with_aspect_ratio(w, h, d.size, Some(cfg.max_size));
+    scale_boxes(boxes, (w, h), (ow, oh));
+    resize_staged(image, ow as usize, oh as usize, flip_pending)
 }
 
 /// The evaluation transform: `RandomResize([val_size], max_size)`.
 pub fn apply_val(image: &RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> RgbImage {
-    resize(image, boxes, cfg.val_size, Some(cfg.max_size))
+    apply_val_staged(image.clone(), boxes, cfg).into_rgb()
+}
+
+/// [`apply_val`] with the resize left pending when it is a 2-tap one.
+pub fn apply_val_staged(image: RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> SampleImage {
+    let (w, h) = (image.width as u32, image.height as u32);
+    let (oh, ow) = get_size_with_aspect_ratio(w, h, cfg.val_size, Some(cfg.max_size));
+    scale_boxes(boxes, (w, h), (ow, oh));
+    resize_staged(image, ow as usize, oh as usize, false)
 }
 
 /// Official `Normalize` for boxes: `xyxy` absolute -> `cxcywh` divided by `(w, h, w, h)`.
