@@ -75,7 +75,8 @@ def run_demo(
     """synth -> train (preset `tiny`) -> eval -> predict with pictures; see the module docstring.
 
     threads: torch intra-op CPU threads (None: torch's default, one per core). On a machine that is
-    busy with other work, 1 can be several times faster than 2 (threads wait on each other).
+    busy with other work 1 can be faster, above all when OpenMP threads spin (the `ddetr` command
+    makes them wait passively unless OMP_WAIT_POLICY is set).
     """
     from ddetr_cli.presets import get_preset
 
