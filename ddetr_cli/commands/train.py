@@ -330,7 +330,8 @@ class _Trainer:
                 raise UserError(f"--resume: no */weights/last.pt under {opts['project']}")
         ckpt = load_training_checkpoint(Path(path))
         saved = ckpt["train_args"]
-        settings = dict(saved["settings"])
+        # Settings added after the checkpoint was written take their defaults.
+        settings = {**TRAIN_DEFAULTS, **saved["settings"]}
         for key in RESUME_OVERRIDABLE:
             if opts.get(key) is not None:
                 settings[key] = opts[key]
@@ -432,7 +433,7 @@ class _Trainer:
         s = self.s
         kwargs = {"max_size": s["max_size"], "val_size": s["val_size"]}
         if train:
-            kwargs["crop_prob"] = s.get("crop_prob", 0.5)  # checkpoints from before the option
+            kwargs["crop_prob"] = s["crop_prob"]
             for key in ("scales", "crop_resize", "crop_size"):
                 if s[key] is not None:
                     kwargs[key] = tuple(s[key])

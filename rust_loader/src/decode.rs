@@ -5,12 +5,12 @@
 //! expanded, CMYK is converted to RGB, EXIF orientation is ignored. 16-bit PNGs keep the high
 //! byte of each sample (Pillow does the same for RGB; for 16-bit grayscale Pillow clips to 255,
 //! which we do not copy). Truncated or corrupt files are errors, never silently padded.
-use std::sync::Mutex;
-
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 use zune_png::PngDecoder;
+
+use crate::pool::BufferPool;
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -38,32 +38,20 @@ impl RgbImage {
 
 /// Idle pixel buffers of consumed images, reused by later decodes: a fresh buffer of a decoded
 /// image (about 1 MB) costs a memset and, often, page faults.
-static SPARE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const MAX_SPARE_BUFFERS: usize = 16;
+static SPARE_PIXELS: BufferPool<u8> = BufferPool::new_static(16);
 
 /// Hands the pixel buffer of an image that is no longer needed back for reuse by decodes.
 pub fn recycle(buffer: Vec<u8>) {
     // Small buffers gain nothing; huge ones (rare giant images) would be kept idle for long.
-    if !(64 << 10..=64 << 20).contains(&buffer.capacity()) {
-        return;
-    }
-    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    if spare.len() < MAX_SPARE_BUFFERS {
-        spare.push(buffer);
+    if (64 << 10..=64 << 20).contains(&buffer.capacity()) {
+        SPARE_PIXELS.put(buffer);
     }
 }
 
 /// A buffer of `len` initialised bytes (of unspecified value): the smallest idle one that holds
 /// `len` bytes, or a new one.
 fn pixel_buffer(len: usize) -> Vec<u8> {
-    let recycled = {
-        let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-        (0..spare.len())
-            .filter(|&i| spare[i].capacity() >= len)
-            .min_by_key(|&i| spare[i].capacity())
-            .map(|i| spare.swap_remove(i))
-    };
-    match recycled {
+    match SPARE_PIXELS.take_idle(len) {
         Some(mut buffer) => {
             // Keeps the old bytes; only a length beyond the old one is zero-filled.
             buffer.resize(len, 0);

@@ -212,6 +212,18 @@ pub struct PlanConfig {
 }
 
 impl PlanConfig {
+    /// Every index once, in order, on one rank, the last batch kept (inference, tests).
+    pub fn in_order(batch_size: usize) -> Self {
+        PlanConfig {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
             return Err(LoaderError::Config("batch_size must be >= 1".into()));
@@ -392,8 +404,7 @@ impl Pipeline {
             let mut sample = self.shared.load_guarded(index, epoch)?;
             // Run a pending resize here (worker thread, panics caught), not in the caller.
             catch_unwind(AssertUnwindSafe(move || {
-                let image = std::mem::replace(&mut sample.image, RgbImage::default().into());
-                sample.image = image.into_rgb().into();
+                sample.image = sample.image.into_rgb().into();
                 sample
             }))
             .map_err(|panic| LoaderError::Internal(panic_message(&panic)))
@@ -618,14 +629,7 @@ mod tests {
         batch_size: usize,
         workers: usize,
     ) -> (Vec<Result<Batch>>, Pipeline) {
-        let cfg = PlanConfig {
-            batch_size,
-            shuffle: false,
-            drop_last: false,
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-        };
+        let cfg = PlanConfig::in_order(batch_size);
         let p = Pipeline::new(Arc::new(Synthetic), cfg, workers, 2, policy).unwrap();
         let out = p.epoch(0).collect();
         (out, p)
@@ -676,14 +680,7 @@ mod tests {
             }
         }
         let source = Arc::new(Counting(AtomicUsize::new(0)));
-        let cfg = PlanConfig {
-            batch_size: 2,
-            shuffle: false,
-            drop_last: false,
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-        };
+        let cfg = PlanConfig::in_order(2);
         let p = Pipeline::new(source.clone(), cfg, 2, 3, BadImagePolicy::Error).unwrap();
         let mut it = p.epoch(0);
         assert!(it.next().unwrap().is_ok());

@@ -18,42 +18,53 @@ pub struct BufferPool<T> {
 
 impl<T> BufferPool<T> {
     pub fn new(max_free: usize) -> Arc<Self> {
-        Arc::new(BufferPool {
+        Arc::new(Self::new_static(max_free))
+    }
+
+    /// A pool that can live in a `static` (its users hand buffers back with [`BufferPool::put`]).
+    pub const fn new_static(max_free: usize) -> Self {
+        BufferPool {
             free: Mutex::new(Vec::new()),
             max_free,
-        })
+        }
     }
 
     /// An empty vector with room for `len` elements, recycled when an idle buffer is large
-    /// enough (the smallest such one). A new buffer gets 1/8 headroom so that a slightly larger
-    /// batch later still fits; when none fits, the smallest idle buffer is dropped in exchange,
-    /// so idle memory does not grow with the number of sizes seen.
+    /// enough (see [`BufferPool::take_idle`]); a new buffer gets 1/8 headroom so that a slightly
+    /// larger batch later still fits.
     pub fn take(self: &Arc<Self>, len: usize) -> PooledVec<T> {
-        let recycled = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            let best = (0..free.len())
-                .filter(|&i| free[i].capacity() >= len)
-                .min_by_key(|&i| free[i].capacity());
-            match best {
-                Some(i) => Some(free.swap_remove(i)),
-                None => {
-                    if let Some(i) = (0..free.len()).min_by_key(|&i| free[i].capacity()) {
-                        free.swap_remove(i);
-                    }
-                    None
-                }
-            }
-        };
+        let mut vec = self
+            .take_idle(len)
+            .unwrap_or_else(|| Vec::with_capacity(len + len / 8));
+        vec.clear();
         PooledVec {
-            vec: recycled.unwrap_or_else(|| Vec::with_capacity(len + len / 8)),
+            vec,
             home: Some(Arc::clone(self)),
         }
     }
 
-    /// Returns a buffer; it is kept if there is room, or if it is larger than the smallest
-    /// idle one (which it then replaces).
-    fn put(&self, mut vec: Vec<T>) {
-        vec.clear();
+    /// The smallest idle buffer with room for `len` elements, its contents as they were put
+    /// back. When none fits, the smallest idle buffer is dropped in exchange for the new one the
+    /// caller will make, so idle memory does not grow with the number of sizes seen.
+    pub fn take_idle(&self, len: usize) -> Option<Vec<T>> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let best = (0..free.len())
+            .filter(|&i| free[i].capacity() >= len)
+            .min_by_key(|&i| free[i].capacity());
+        match best {
+            Some(i) => Some(free.swap_remove(i)),
+            None => {
+                if let Some(i) = (0..free.len()).min_by_key(|&i| free[i].capacity()) {
+                    free.swap_remove(i);
+                }
+                None
+            }
+        }
+    }
+
+    /// Returns a buffer (its contents kept); it is kept if there is room, or if it is larger
+    /// than the smallest idle one (which it then replaces).
+    pub fn put(&self, vec: Vec<T>) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < self.max_free {
             free.push(vec);

@@ -337,14 +337,7 @@ impl ImageListCore {
             max_size,
             ..AugmentConfig::default()
         };
-        let plan = PlanConfig {
-            batch_size,
-            shuffle: false,
-            drop_last: false,
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-        };
+        let plan = PlanConfig::in_order(batch_size);
         let source = Arc::new(ImageListSource { paths, augment });
         let prefetch = prefetch.unwrap_or(2 * workers.max(1));
         let pipeline = Pipeline::new(source, plan, workers, prefetch, BadImagePolicy::Skip)

@@ -206,17 +206,6 @@ pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     resize_window_generic(image, whole, out_w, out_h)
 }
 
-/// The source box `(left, top, width, height)` of `image` resized to `out_w x out_h` by
-/// fast_image_resize (any scale; [`crate::resample`] is the faster 2-tap path).
-pub fn resize_window_generic(
-    image: &RgbImage,
-    src_box: (f64, f64, f64, f64),
-    out_w: usize,
-    out_h: usize,
-) -> RgbImage {
-    convolve(image, src_box, out_w as u32, out_h as u32)
-}
-
 /// Resize of `image` (mirrored first when `flip`) to `out_w x out_h`: a pending 2-tap resize when
 /// it is one (upscaling), otherwise done now by the generic path.
 fn resize_staged(mut image: RgbImage, out_w: usize, out_h: usize, flip: bool) -> SampleImage {
@@ -261,13 +250,20 @@ pub fn resize_window(
     }
 }
 
-/// Bilinear convolution of the source box `(left, top, width, height)` of `image` to
-/// `out_w x out_h`. fast_image_resize runs the vertical pass first for u8 images; when the image
+/// The source box `(left, top, width, height)` of `image` resized to `out_w x out_h` by
+/// fast_image_resize's bilinear convolution (any scale; [`crate::resample`] is the faster 2-tap
+/// path). fast_image_resize runs the vertical pass first for u8 images; when the image
 /// grows vertically that makes the (costlier, for 3-channel pixels) horizontal pass run over the
 /// many output rows, so then we run the two passes ourselves, horizontal first, as Pillow does
 /// (measured 10-25% faster for the multi-scale upscales).
-fn convolve(image: &RgbImage, src_box: (f64, f64, f64, f64), out_w: u32, out_h: u32) -> RgbImage {
+pub fn resize_window_generic(
+    image: &RgbImage,
+    src_box: (f64, f64, f64, f64),
+    out_w: usize,
+    out_h: usize,
+) -> RgbImage {
     let (left, top, box_w, box_h) = src_box;
+    let (out_w, out_h) = (out_w as u32, out_h as u32);
     let src = ImageRef::new(
         image.width as u32,
         image.height as u32,
@@ -295,12 +291,19 @@ fn convolve(image: &RgbImage, src_box: (f64, f64, f64, f64), out_w: u32, out_h: 
     RgbImage::new(out_w as usize, out_h as usize, dst.into_vec())
 }
 
-/// Official `resize(image, target, size, max_size)` for a scalar `size`.
-pub fn resize(image: &RgbImage, boxes: &mut Boxes, size: u32, max_size: Option<u32>) -> RgbImage {
+/// Official `resize(image, target, size, max_size)` for a scalar `size`: boxes scaled now, the
+/// pixels (mirrored first when `flip`) resized now or left pending (see [`resize_staged`]).
+pub fn resize(
+    image: RgbImage,
+    boxes: &mut Boxes,
+    size: u32,
+    max_size: Option<u32>,
+    flip: bool,
+) -> SampleImage {
     let (w, h) = (image.width as u32, image.height as u32);
     let (oh, ow) = get_size_with_aspect_ratio(w, h, size, max_size);
     scale_boxes(boxes, (w, h), (ow, oh));
-    resize_image(image, ow as usize, oh as usize)
+    resize_staged(image, ow as usize, oh as usize, flip)
 }
 
 /// The box part of official `resize`: from an image of `from = (w, h)` to `to = (w, h)`.
@@ -390,10 +393,7 @@ pub fn apply_train_staged(
         let window = resize_window(&image, pw as usize, ph as usize, c.region);
         recycle(std::mem::replace(&mut image, window).data);
     }
-    let (w, h) = (image.width as u32, image.height as u32);
-    let (oh, ow) = get_size_with_aspect_ratio(w, h, d.size, Some(cfg.max_size));
-    scale_boxes(boxes, (w, h), (ow, oh));
-    resize_staged(image, ow as usize, oh as usize, flip_pending)
+    resize(image, boxes, d.size, Some(cfg.max_size), flip_pending)
 }
 
 /// The evaluation transform: `RandomResize([val_size], max_size)`.
@@ -403,10 +403,7 @@ pub fn apply_val(image: &RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> Rg
 
 /// [`apply_val`] with the resize left pending when it is a 2-tap one.
 pub fn apply_val_staged(image: RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> SampleImage {
-    let (w, h) = (image.width as u32, image.height as u32);
-    let (oh, ow) = get_size_with_aspect_ratio(w, h, cfg.val_size, Some(cfg.max_size));
-    scale_boxes(boxes, (w, h), (ow, oh));
-    resize_staged(image, ow as usize, oh as usize, false)
+    resize(image, boxes, cfg.val_size, Some(cfg.max_size), false)
 }
 
 /// Official `Normalize` for boxes: `xyxy` absolute -> `cxcywh` divided by `(w, h, w, h)`.
@@ -502,11 +499,11 @@ mod tests {
     fn resize_scales_boxes_and_keeps_constant_images_constant() {
         let img = RgbImage::new(40, 30, vec![123; 40 * 30 * 3]);
         let mut b = one_box([4.0, 3.0, 20.0, 15.0]);
-        let out = resize(&img, &mut b, 60, None);
+        let out = resize(img, &mut b, 60, None, false).into_rgb();
         assert_eq!((out.width, out.height), (80, 60));
         assert!(out.data.iter().all(|&v| v == 123));
         assert_eq!(b.xyxy[0], [8.0, 6.0, 40.0, 30.0]);
-        let same = resize(&out, &mut b, 60, None);
+        let same = resize(out.clone(), &mut b, 60, None, false).into_rgb();
         assert_eq!(same, out);
     }
 
