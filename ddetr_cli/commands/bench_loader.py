@@ -2,8 +2,8 @@
 otherwise run, and COCO annotation parse time/memory against pycocotools.
 
 Python API:
-    bench_loader_report(data=None, workers=2, batch_size=2, images=96, train=True,
-                        parse_size_mb=0, synth_images=48, repeats=3) -> report dict
+    bench_loader_report(data=None, workers=2, batch_size=2, images=192, train=True,
+                        parse_size_mb=0, synth_images=48, repeats=3, warmup=96) -> report dict
 
 Throughput rows, all over the same image files and with the same number of workers:
   - rust:        `ddetr_cli.data.CocoLoader` (decode, official augmentations, normalise, pad);
@@ -11,7 +11,8 @@ Throughput rows, all over the same image files and with the same number of worke
                  (Pillow decode + the same transforms in torchvision, as the official code does);
   - decode-only: libjpeg-turbo (`cv2.imdecode`) on the raw files in N threads, nothing else: the
                  ceiling of any pipeline that has to decode every image.
-Timing starts after the first batch (worker start-up excluded) and stops after `images` images;
+Each pipeline first runs `warmup` images untimed (worker start-up, first-touch page faults of fresh
+buffers and cold caches are one-off costs in a long epoch); timing then covers `images` images;
 the pipelines run round-robin `repeats` times and the best rate of each is reported.
 Parse rows: each parser in a fresh subprocess on a generated annotation file of `parse_size_mb`
 MB shaped like COCO train2017 (polygon/RLE segmentations, crowd flags, 91 categories); peak is
@@ -49,10 +50,13 @@ EXAMPLES = [
 ]
 
 
-def _rate(batches, images: int) -> float:
-    """Images/s over `images` images after the first batch (start-up excluded)."""
+def _rate(batches, images: int, warmup: int) -> float:
+    """Images/s over `images` images after at least one batch and `warmup` images: start-up and
+    first-touch costs (worker start, fresh buffers, caches) are excluded, as in a long epoch."""
     it = iter(batches)
-    next(it)
+    seen = next(it)
+    while seen < warmup:
+        seen += next(it)
     done, start = 0, time.perf_counter()
     for batch in it:
         done += batch
@@ -68,7 +72,9 @@ def _endless(make_epoch):
         epoch += 1
 
 
-def rust_rate(images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int) -> float:
+def rust_rate(
+    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup: int
+) -> float:
     from ddetr_cli.data import CocoLoader
 
     loader = CocoLoader(images_dir, ann, train=train, batch_size=batch_size, workers=workers, drop_last=True)
@@ -77,11 +83,11 @@ def rust_rate(images_dir: Path, ann: Path, train: bool, workers: int, batch_size
         loader.set_epoch(n)
         return (len(targets) for _, _, targets in loader)
 
-    return _rate(_endless(epoch), images)
+    return _rate(_endless(epoch), images, warmup)
 
 
 def pillow_rate(
-    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int
+    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup: int
 ) -> float:
     import torch
 
@@ -97,10 +103,10 @@ def pillow_rate(
         collate_fn=ref.collate,
         persistent_workers=workers > 0,
     )
-    return _rate(_endless(lambda _: (len(t) for _, _, t in loader)), images)
+    return _rate(_endless(lambda _: (len(t) for _, _, t in loader)), images, warmup)
 
 
-def decode_only_rate(paths: list[Path], workers: int, images: int) -> float:
+def decode_only_rate(paths: list[Path], workers: int, images: int, warmup: int) -> float:
     import cv2
     import numpy as np
 
@@ -110,11 +116,12 @@ def decode_only_rate(paths: list[Path], workers: int, images: int) -> float:
         data = np.frombuffer(path.read_bytes(), np.uint8)
         return int(cv2.imdecode(data, cv2.IMREAD_COLOR) is not None)
 
-    order = [paths[i % len(paths)] for i in range(images + workers)]
+    warmup = max(warmup, workers)
+    order = [paths[i % len(paths)] for i in range(warmup + images)]
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(decode, order[:workers]))  # warm-up
+        list(pool.map(decode, order[:warmup]))
         start = time.perf_counter()
-        done = sum(pool.map(decode, order[workers:]))
+        done = sum(pool.map(decode, order[warmup:]))
     return done / (time.perf_counter() - start)
 
 
@@ -200,11 +207,12 @@ def bench_loader_report(
     data: Optional[Path] = None,
     workers: int = 2,
     batch_size: int = 2,
-    images: int = 96,
+    images: int = 192,
     train: bool = True,
     parse_size_mb: float = 0,
     synth_images: int = 48,
     repeats: int = 3,
+    warmup: int = 96,
 ) -> dict:
     """Runs the benchmark (see the module docstring); every ratio comes from this one run."""
     report: dict = {
@@ -212,6 +220,7 @@ def bench_loader_report(
         "workers": workers,
         "batch_size": batch_size,
         "split": "train" if train else "val",
+        "warmup_images": warmup,
     }
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-loader-") as tmp:
         if images > 0:
@@ -230,9 +239,9 @@ def bench_loader_report(
             if not paths:
                 raise UserError(f"{images_dir}: no JPEG files")
             runs = {
-                "decode-only": lambda: decode_only_rate(paths, workers, images),
-                "rust": lambda: rust_rate(images_dir, ann, train, workers, batch_size, images),
-                "pillow": lambda: pillow_rate(images_dir, ann, train, workers, batch_size, images),
+                "decode-only": lambda: decode_only_rate(paths, workers, images, warmup),
+                "rust": lambda: rust_rate(images_dir, ann, train, workers, batch_size, images, warmup),
+                "pillow": lambda: pillow_rate(images_dir, ann, train, workers, batch_size, images, warmup),
             }
             # Round-robin repeats, best of each: on a shared machine the least-disturbed run of
             # every pipeline is the fairest comparison.
@@ -300,7 +309,10 @@ def bench_loader(
     ),
     workers: int = typer.Option(2, "--workers", min=1, help="Worker threads (rust) / processes (baseline)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Images per batch."),
-    images: int = typer.Option(96, "--images", min=0, help="Images timed per pipeline (0: skip throughput)."),
+    images: int = typer.Option(192, "--images", min=0, help="Images timed per pipeline (0: skip throughput)."),
+    warmup: int = typer.Option(
+        96, "--warmup", min=0, help="Images each pipeline runs untimed first (start-up, fresh buffers)."
+    ),
     val: bool = typer.Option(False, "--val", help="Time the evaluation transform instead of training's."),
     parse_size_mb: float = typer.Option(
         0,
@@ -328,6 +340,7 @@ def bench_loader(
         parse_size_mb=parse_size_mb,
         synth_images=synth_images,
         repeats=repeats,
+        warmup=warmup,
     )
     _print_report(report)
     if json_out is not None:

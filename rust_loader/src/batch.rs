@@ -3,8 +3,6 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::decode::{recycle, RgbImage};
 use crate::pool::{BufferPool, PooledVec};
 use crate::resample::{normalise_coefficients, SampleImage};
@@ -152,9 +150,9 @@ pub fn collate(samples: Vec<Sample>) -> Batch {
     collate_into(samples, &BatchPools::new(0))
 }
 
-/// Collates samples into buffers from `pools`; images are normalised and padded in parallel (one
-/// task per image, each writing its own slot of the batch buffer once, so the buffer is never
-/// zero-filled first).
+/// Collates samples into buffers from `pools`, on the calling thread (the pipeline runs many
+/// collations at once); each image is normalised and padded into its own slot of the batch buffer,
+/// written once, so the buffer is never zero-filled first.
 pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
     let n = samples.len();
     let pad_h = samples.iter().map(|s| s.image.height()).max().unwrap_or(0);
@@ -163,14 +161,12 @@ pub fn collate_into(samples: Vec<Sample>, pools: &BatchPools) -> Batch {
     let mut images = pools.images.take(n * slot_len);
     let mut mask = pools.mask.take(n * pad_h * pad_w);
     if slot_len > 0 {
-        images.spare_capacity_mut()[..n * slot_len]
-            .par_chunks_mut(slot_len)
-            .zip(mask.spare_capacity_mut()[..n * pad_h * pad_w].par_chunks_mut(pad_h * pad_w))
-            .zip(samples.par_iter())
-            .for_each(|((slot, mask), s)| {
-                write_image(&s.image, slot, pad_w);
-                write_mask(&s.image, mask, pad_w);
-            });
+        let slots = images.spare_capacity_mut()[..n * slot_len].chunks_mut(slot_len);
+        let masks = mask.spare_capacity_mut()[..n * pad_h * pad_w].chunks_mut(pad_h * pad_w);
+        for ((slot, mask), s) in slots.zip(masks).zip(&samples) {
+            write_image(&s.image, slot, pad_w);
+            write_mask(&s.image, mask, pad_w);
+        }
     }
     // SAFETY: `write_image` wrote all `slot_len` elements of each of the `n` slots and
     // `write_mask` all `pad_h * pad_w` elements of each of the `n` masks.

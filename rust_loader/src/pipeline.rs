@@ -7,11 +7,9 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-
-use rayon::prelude::*;
 
 use crate::batch::{collate_into, Batch, BatchPools, Sample};
 use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
@@ -306,12 +304,9 @@ impl Shared {
             .unwrap_or_else(|panic| Err(LoaderError::Internal(panic_message(&panic))))
     }
 
-    /// Builds one batch; `Ok(None)` when every image of it was skipped.
-    fn build(&self, indices: &[usize], epoch: u64) -> Result<Option<Batch>> {
-        let loaded: Vec<Result<Sample>> = indices
-            .par_iter()
-            .map(|&i| self.load_guarded(i, epoch))
-            .collect();
+    /// Collates the loaded images of one batch (in plan order); `Ok(None)` when every image of
+    /// it was skipped.
+    fn finish(&self, loaded: Vec<Result<Sample>>) -> Result<Option<Batch>> {
         let mut samples = Vec::with_capacity(loaded.len());
         for item in loaded {
             match item {
@@ -322,6 +317,32 @@ impl Shared {
             }
         }
         Ok((!samples.is_empty()).then(|| collate_into(samples, &self.pools)))
+    }
+}
+
+/// One batch being built: each of its images is loaded by its own job, and the job that loads
+/// the last one collates the batch. (No job waits on another: a rayon `join` inside a job would
+/// let the waiting thread pick up later batches' work and hold back the batch the consumer
+/// needs next.)
+struct BatchInProgress {
+    /// Plan position of the batch.
+    position: usize,
+    loaded: Mutex<Vec<Option<Result<Sample>>>>,
+    remaining: AtomicUsize,
+}
+
+impl BatchInProgress {
+    /// Stores image `slot`; returns all images, in order, when it was the last one.
+    fn store(&self, slot: usize, sample: Result<Sample>) -> Option<Vec<Result<Sample>>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded[slot] = Some(sample);
+        // Decremented under the lock, so the last one sees every other image stored.
+        (self.remaining.fetch_sub(1, Ordering::AcqRel) == 1).then(|| {
+            std::mem::take(&mut *loaded)
+                .into_iter()
+                .map(|s| s.expect("every image of the batch was stored"))
+                .collect()
+        })
     }
 }
 
@@ -478,22 +499,38 @@ impl EpochIter {
             && self.next_submit - self.next_yield < self.prefetch
         {
             let k = self.next_submit;
-            let indices = self.plan[k].clone();
-            let (shared, tx, cancelled, epoch) = (
-                Arc::clone(&self.shared),
-                self.tx.clone(),
-                Arc::clone(&self.cancelled),
-                self.epoch,
-            );
-            self.pool.spawn(move || {
-                if cancelled.load(Ordering::Relaxed) {
-                    return;
-                }
-                let result = catch_unwind(AssertUnwindSafe(|| shared.build(&indices, epoch)))
-                    .unwrap_or_else(|panic| Err(LoaderError::Internal(panic_message(&panic))));
-                // The receiver is gone when the iterator was dropped; nothing to do then.
-                let _ = tx.send((k, result));
+            let indices = &self.plan[k];
+            if indices.is_empty() {
+                let _ = self.tx.send((k, Ok(None)));
+            }
+            let batch = Arc::new(BatchInProgress {
+                position: k,
+                loaded: Mutex::new((0..indices.len()).map(|_| None).collect()),
+                remaining: AtomicUsize::new(indices.len()),
             });
+            for (slot, &index) in indices.iter().enumerate() {
+                let (shared, tx, cancelled, batch, epoch) = (
+                    Arc::clone(&self.shared),
+                    self.tx.clone(),
+                    Arc::clone(&self.cancelled),
+                    Arc::clone(&batch),
+                    self.epoch,
+                );
+                self.pool.spawn(move || {
+                    // Queued jobs of an abandoned epoch return without decoding.
+                    if cancelled.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let sample = shared.load_guarded(index, epoch);
+                    let Some(loaded) = batch.store(slot, sample) else {
+                        return;
+                    };
+                    let result = catch_unwind(AssertUnwindSafe(|| shared.finish(loaded)))
+                        .unwrap_or_else(|panic| Err(LoaderError::Internal(panic_message(&panic))));
+                    // The receiver is gone when the iterator was dropped; nothing to do then.
+                    let _ = tx.send((batch.position, result));
+                });
+            }
             self.next_submit += 1;
         }
     }
