@@ -309,7 +309,7 @@ def bench_loader(
     ),
     workers: int = typer.Option(2, "--workers", min=1, help="Worker threads (rust) / processes (baseline)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Images per batch."),
-    images: int = typer.Option(192, "--images", min=0, help="Images timed per pipeline (0: skip throughput)."),
+    images: int = typer.Option(192, "--images", min=0, help="Images timed per pipeline (0: no throughput)."),
     warmup: int = typer.Option(
         96, "--warmup", min=0, help="Images each pipeline runs untimed first (start-up, fresh buffers)."
     ),
