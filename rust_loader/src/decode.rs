@@ -130,7 +130,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, String> {
 /// some trailing bytes that cameras and editors append after EOI.
 fn has_jpeg_end_marker(bytes: &[u8]) -> bool {
     let tail = &bytes[bytes.len().saturating_sub(64 * 1024)..];
-    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+    // From the end: EOI is normally the last two bytes, so this stops at once.
+    tail.windows(2).rev().any(|w| w == [0xFF, 0xD9])
 }
 
 fn decode_png(bytes: &[u8]) -> Result<RgbImage, String> {

@@ -4,7 +4,9 @@
 //! Memory is bounded by `prefetch`: at most that many batches are being built or wait to be
 //! consumed. Results do not depend on the number of workers: every random draw is keyed by
 //! `(seed, epoch, dataset index)` and batches are yielded in plan order.
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,13 +34,33 @@ pub trait Source: Send + Sync {
     fn load(&self, index: usize, epoch: u64) -> Result<Sample>;
 }
 
+thread_local! {
+    /// The file bytes of the image a worker decodes, kept for its next image (no allocation and
+    /// no fresh pages per file).
+    static FILE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 fn read_and_decode(path: &Path) -> Result<RgbImage> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LoaderError::Io {
-        path: name.clone(),
-        source,
-    })?;
-    decode_image(&bytes).map_err(|detail| LoaderError::Decode { path: name, detail })
+    FILE_BYTES.with(|cell| {
+        // A fresh buffer if a caller up the stack holds this thread's one (never the case today).
+        let mut spare = Vec::new();
+        let mut held = cell.try_borrow_mut();
+        let bytes = held.as_deref_mut().unwrap_or(&mut spare);
+        bytes.clear();
+        std::fs::File::open(path)
+            .and_then(|mut file| file.read_to_end(bytes))
+            .map_err(|source| LoaderError::Io {
+                path: name.clone(),
+                source,
+            })?;
+        let decoded = decode_image(bytes);
+        // A rare giant file does not keep its buffer alive in every worker.
+        if bytes.capacity() > 16 << 20 {
+            *bytes = Vec::new();
+        }
+        decoded.map_err(|detail| LoaderError::Decode { path: name, detail })
+    })
 }
 
 /// A COCO detection dataset with the official train or val transforms.
