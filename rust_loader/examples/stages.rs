@@ -1,6 +1,6 @@
 //! Per-stage timing of the pipeline on real files, single-threaded:
 //! `cargo run --release --example stages -- DIR_WITH_JPEGS`. The train augmentation leaves its
-//! final (2-tap) resize pending, as the pipeline does: that resize runs inside the collation.
+//! final (streaming) resize pending, as the pipeline does: that resize runs inside the collation.
 use std::time::Instant;
 
 use _loader::batch::{collate_into, BatchPools, Sample};

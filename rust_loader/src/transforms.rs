@@ -206,8 +206,9 @@ pub fn resize_image(image: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     resize_window_generic(image, whole, out_w, out_h)
 }
 
-/// Resize of `image` (mirrored first when `flip`) to `out_w x out_h`: a pending 2-tap resize when
-/// it is one (upscaling), otherwise done now by the generic path.
+/// Resize of `image` (mirrored first when `flip`) to `out_w x out_h`: a pending streaming resize
+/// when [`Resize`] takes it (upscales and downscales by up to 3), otherwise done now by the
+/// generic path.
 fn resize_staged(mut image: RgbImage, out_w: usize, out_h: usize, flip: bool) -> SampleImage {
     let whole = (0.0, 0.0, image.width as f64, image.height as f64);
     match Resize::new((image.width, image.height), whole, (out_w, out_h), flip) {
@@ -251,11 +252,11 @@ pub fn resize_window(
 }
 
 /// The source box `(left, top, width, height)` of `image` resized to `out_w x out_h` by
-/// fast_image_resize's bilinear convolution (any scale; [`crate::resample`] is the faster 2-tap
-/// path). fast_image_resize runs the vertical pass first for u8 images; when the image
-/// grows vertically that makes the (costlier, for 3-channel pixels) horizontal pass run over the
-/// many output rows, so then we run the two passes ourselves, horizontal first, as Pillow does
-/// (measured 10-25% faster for the multi-scale upscales).
+/// fast_image_resize's bilinear convolution (any scale; [`crate::resample`] is the faster path
+/// for scales up to 3). fast_image_resize runs the vertical pass first for u8 images; when the
+/// image grows vertically that makes the (costlier, for 3-channel pixels) horizontal pass run
+/// over the many output rows, so then we run the two passes ourselves, horizontal first, as
+/// Pillow does (measured 10-25% faster for the multi-scale upscales).
 pub fn resize_window_generic(
     image: &RgbImage,
     src_box: (f64, f64, f64, f64),
@@ -364,8 +365,8 @@ pub fn apply_train(
     apply_train_staged(image, boxes, d, cfg).into_rgb()
 }
 
-/// [`apply_train`] with the last resize left pending when it is a 2-tap one (it then runs when
-/// the batch is collated, writing normalised values straight into the batch).
+/// [`apply_train`] with the last resize left pending when it is a streaming one (it then runs
+/// when the batch is collated, writing normalised values straight into the batch).
 pub fn apply_train_staged(
     image: RgbImage,
     boxes: &mut Boxes,
@@ -373,7 +374,7 @@ pub fn apply_train_staged(
     cfg: &AugmentConfig,
 ) -> SampleImage {
     let mut image = image;
-    // Without a crop the flip is folded into the final resize (when that is a 2-tap one).
+    // Without a crop the flip is folded into the final resize (when that is a streaming one).
     let mut flip_pending = false;
     if d.flip {
         if d.crop.is_none() {
@@ -401,7 +402,7 @@ pub fn apply_val(image: &RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> Rg
     apply_val_staged(image.clone(), boxes, cfg).into_rgb()
 }
 
-/// [`apply_val`] with the resize left pending when it is a 2-tap one.
+/// [`apply_val`] with the resize left pending when it is a streaming one.
 pub fn apply_val_staged(image: RgbImage, boxes: &mut Boxes, cfg: &AugmentConfig) -> SampleImage {
     resize(image, boxes, cfg.val_size, Some(cfg.max_size), false)
 }
