@@ -50,7 +50,7 @@ pub fn recycle(buffer: Vec<u8>) {
 
 /// A buffer of `len` initialised bytes (of unspecified value): the smallest idle one that holds
 /// `len` bytes, or a new one.
-fn pixel_buffer(len: usize) -> Vec<u8> {
+pub fn pixel_buffer(len: usize) -> Vec<u8> {
     match SPARE_PIXELS.take_idle(len) {
         Some(mut buffer) => {
             // Keeps the old bytes; only a length beyond the old one is zero-filled.

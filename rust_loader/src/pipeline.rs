@@ -405,9 +405,10 @@ impl Pipeline {
                 source,
                 policy,
                 skipped: Mutex::new(Vec::new()),
-                // Enough idle buffers for every batch that can be in flight, plus the one the
-                // consumer holds.
-                pools: BatchPools::new(prefetch.max(1) + 1),
+                // Enough idle buffers for every batch that can be in flight, plus the two the
+                // consumer holds (a `for` loop keeps the previous batch until `next` returns);
+                // fewer would drop a buffer at every epoch end and fault in a new one after.
+                pools: BatchPools::new(prefetch.max(1) + 2),
             }),
             plan,
             pool: Arc::new(pool),

@@ -30,12 +30,13 @@ impl<T> BufferPool<T> {
     }
 
     /// An empty vector with room for `len` elements, recycled when an idle buffer is large
-    /// enough (see [`BufferPool::take_idle`]); a new buffer gets 1/8 headroom so that a slightly
-    /// larger batch later still fits.
+    /// enough (see [`BufferPool::take_idle`]); a new buffer gets 1/2 headroom so that larger
+    /// batches later still fit (pages the batches never reach are never touched, so the headroom
+    /// costs address space, not memory).
     pub fn take(self: &Arc<Self>, len: usize) -> PooledVec<T> {
         let mut vec = self
             .take_idle(len)
-            .unwrap_or_else(|| Vec::with_capacity(len + len / 8));
+            .unwrap_or_else(|| Vec::with_capacity(len + len / 2));
         vec.clear();
         PooledVec {
             vec,

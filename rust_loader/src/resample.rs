@@ -19,7 +19,7 @@
 //! Pillow's by one level where a result lies within a few 2^-14 of a rounding boundary.
 use std::mem::MaybeUninit;
 
-use crate::decode::RgbImage;
+use crate::decode::{pixel_buffer, RgbImage};
 
 const PRECISION: u32 = 14;
 const HALF: i32 = 1 << (PRECISION - 1);
@@ -528,7 +528,8 @@ impl Resize {
 fn to_rgb_k<const K: usize>(r: &Resize, src: &RgbImage) -> RgbImage {
     let n = r.out_w();
     let mut ring = r.ring(src);
-    let mut data = vec![0u8; n * r.out_h() * 3];
+    // Every byte is written below: a recycled buffer needs no zeroing.
+    let mut data = pixel_buffer(n * r.out_h() * 3);
     let mut planes = vec![0u8; 3 * n];
     for (y, row) in data.chunks_exact_mut(3 * n).enumerate() {
         r.fill(src, &mut ring, y);

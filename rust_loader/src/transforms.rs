@@ -235,6 +235,7 @@ pub fn resize_window(
     resized_w: usize,
     resized_h: usize,
     region: (u32, u32, u32, u32),
+    flip: bool,
 ) -> RgbImage {
     let (top, left, h, w) = region;
     let sx = image.width as f64 / resized_w as f64;
@@ -245,8 +246,13 @@ pub fn resize_window(
     let box_h = (f64::from(h) * sy).min(image.height as f64 - box_top);
     let src_box = (box_left, box_top, box_w, box_h);
     let (w, h) = (w as usize, h as usize);
-    match Resize::new((image.width, image.height), src_box, (w, h), false) {
+    match Resize::new((image.width, image.height), src_box, (w, h), flip) {
         Some(resize) => resize.to_rgb(image),
+        None if flip => {
+            let mut mirrored = image.clone();
+            hflip(&mut mirrored, &mut Boxes::default());
+            resize_window_generic(&mirrored, src_box, w, h)
+        }
         None => resize_window_generic(image, src_box, w, h),
     }
 }
@@ -374,15 +380,11 @@ pub fn apply_train_staged(
     cfg: &AugmentConfig,
 ) -> SampleImage {
     let mut image = image;
-    // Without a crop the flip is folded into the final resize (when that is a streaming one).
-    let mut flip_pending = false;
+    // The flip is folded into the next resize (the crop window's, else the final one): the
+    // boxes flip now, the pixels are read mirrored by that resize.
+    let mut flip_pending = d.flip;
     if d.flip {
-        if d.crop.is_none() {
-            flip_boxes(boxes, image.width);
-            flip_pending = true;
-        } else {
-            hflip(&mut image, boxes);
-        }
+        flip_boxes(boxes, image.width);
     }
     if let Some(c) = d.crop {
         // Official order (resize to `pre_size`, then crop) for the boxes; the pixels of the
@@ -391,7 +393,8 @@ pub fn apply_train_staged(
         let (ph, pw) = get_size_with_aspect_ratio(w, h, c.pre_size, None);
         scale_boxes(boxes, (w, h), (pw, ph));
         crop_boxes(boxes, c.region);
-        let window = resize_window(&image, pw as usize, ph as usize, c.region);
+        let window = resize_window(&image, pw as usize, ph as usize, c.region, flip_pending);
+        flip_pending = false;
         recycle(std::mem::replace(&mut image, window).data);
     }
     resize(image, boxes, d.size, Some(cfg.max_size), flip_pending)
@@ -529,26 +532,36 @@ mod tests {
             .flat_map(|i| [(i * 7 % 256) as u8, (i * 13 % 256) as u8, (i % 256) as u8])
             .collect();
         let img = RgbImage::new(37, 29, data);
+        let mut mirrored = img.clone();
+        hflip(&mut mirrored, &mut Boxes::default());
         for (rw, rh, region) in [
             (50, 40, (3, 5, 30, 41)), // upscale
             (25, 19, (2, 1, 15, 20)), // downscale
             (37, 29, (4, 6, 20, 20)), // plain crop
             (50, 40, (0, 0, 40, 50)), // whole image
+            (9, 7, (1, 2, 5, 6)),     // downscale beyond the streaming kernel (generic path)
         ] {
-            let full = resize_image(&img, rw, rh);
-            let cropped = crop(&full, &mut Boxes::default(), region);
-            let window = resize_window(&img, rw, rh, region);
-            assert_eq!(
-                (window.width, window.height),
-                (cropped.width, cropped.height)
-            );
-            let max_diff = window
-                .data
-                .iter()
-                .zip(&cropped.data)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max();
-            assert!(max_diff <= Some(1), "{rw}x{rh} {region:?}: {max_diff:?}");
+            for flip in [false, true] {
+                // Official order: flip, resize, crop.
+                let source = if flip { &mirrored } else { &img };
+                let full = resize_image(source, rw, rh);
+                let cropped = crop(&full, &mut Boxes::default(), region);
+                let window = resize_window(&img, rw, rh, region, flip);
+                assert_eq!(
+                    (window.width, window.height),
+                    (cropped.width, cropped.height)
+                );
+                let max_diff = window
+                    .data
+                    .iter()
+                    .zip(&cropped.data)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max();
+                assert!(
+                    max_diff <= Some(1),
+                    "{rw}x{rh} {region:?} flip {flip}: {max_diff:?}"
+                );
+            }
         }
     }
 
