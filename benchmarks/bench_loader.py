@@ -1,6 +1,6 @@
 """Rust data loader benchmark without the CLI (same code as `ddetr bench loader`).
 
-python benchmarks/bench_loader.py [--data DIR] [--workers N] [--images 192] [--warmup 96] [--repeats 3]
+python benchmarks/bench_loader.py [--data DIR] [--workers N] [--images 192] [--warmup-s 1.0] [--repeats 3]
                                    [--parse-size-mb 450] [--json out.json]
 """
 
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--warmup", type=int, default=96)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--val", action="store_true")
     parser.add_argument("--parse-size-mb", type=float, default=0)
     parser.add_argument("--synth-images", type=int, default=48)
@@ -33,7 +33,7 @@ def main() -> None:
         parse_size_mb=args.parse_size_mb,
         synth_images=args.synth_images,
         repeats=args.repeats,
-        warmup=args.warmup,
+        warmup_s=args.warmup_s,
     )
     _print_report(report)
     if args.json is not None:

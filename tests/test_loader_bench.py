@@ -27,9 +27,9 @@ def test_generated_annotation_file_parses_identically(tmp_path):
 
 def test_bench_loader_report_runs_end_to_end(synthetic_coco):
     report = bench_loader_report(
-        data=synthetic_coco, workers=1, batch_size=2, images=4, repeats=1, parse_size_mb=0.2, warmup=3
+        data=synthetic_coco, workers=1, batch_size=2, images=4, repeats=1, parse_size_mb=0.2, warmup_s=0.1
     )
-    assert report["warmup_images"] == 3
+    assert report["warmup_s"] == 0.1
     assert set(report["images_per_s"]) == {"decode-only", "rust", "pillow"}
     assert all(rate > 0 for rate in report["images_per_s"].values())
     assert report["rust_vs_pillow"] > 0 and report["rust_vs_decode_only"] > 0

@@ -3,7 +3,7 @@ otherwise run, and COCO annotation parse time/memory against pycocotools.
 
 Python API:
     bench_loader_report(data=None, workers=2, batch_size=2, images=192, train=True,
-                        parse_size_mb=0, synth_images=48, repeats=3, warmup=96) -> report dict
+                        parse_size_mb=0, synth_images=48, repeats=3, warmup_s=1.0) -> report dict
 
 Throughput rows, all over the same image files and with the same number of workers:
   - rust:        `ddetr_cli.data.CocoLoader` (decode, official augmentations, normalise, pad);
@@ -11,8 +11,9 @@ Throughput rows, all over the same image files and with the same number of worke
                  (Pillow decode + the same transforms in torchvision, as the official code does);
   - decode-only: libjpeg-turbo (`cv2.imdecode`) on the raw files in N threads, nothing else: the
                  ceiling of any pipeline that has to decode every image.
-Each pipeline first runs `warmup` images untimed (worker start-up, first-touch page faults of fresh
-buffers and cold caches are one-off costs in a long epoch); timing then covers `images` images;
+Each pipeline first runs `warmup_s` seconds untimed (worker start-up, first-touch page faults while
+buffers grow to the largest batch, cold caches: one-off costs in a long epoch; measured, the Rust
+pipeline's page faults settle after ~400 images); timing then covers `images` images;
 the pipelines run round-robin `repeats` times and the best rate of each is reported.
 Parse rows: each parser in a fresh subprocess on a generated annotation file of `parse_size_mb`
 MB shaped like COCO train2017 (polygon/RLE segmentations, crowd flags, 91 categories); peak is
@@ -50,13 +51,15 @@ EXAMPLES = [
 ]
 
 
-def _rate(batches, images: int, warmup: int) -> float:
-    """Images/s over `images` images after at least one batch and `warmup` images: start-up and
-    first-touch costs (worker start, fresh buffers, caches) are excluded, as in a long epoch."""
+def _rate(batches, images: int, warmup_s: float) -> float:
+    """Images/s over `images` images after at least one batch and `warmup_s` seconds: start-up
+    and first-touch costs (worker start, buffers growing to their largest batch, caches) are
+    excluded, as they are from the throughput of a long epoch."""
     it = iter(batches)
-    seen = next(it)
-    while seen < warmup:
-        seen += next(it)
+    next(it)
+    warm_until = time.perf_counter() + warmup_s
+    while time.perf_counter() < warm_until:
+        next(it)
     done, start = 0, time.perf_counter()
     for batch in it:
         done += batch
@@ -73,7 +76,7 @@ def _endless(make_epoch):
 
 
 def rust_rate(
-    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup: int
+    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup_s: float
 ) -> float:
     from ddetr_cli.data import CocoLoader
 
@@ -83,11 +86,11 @@ def rust_rate(
         loader.set_epoch(n)
         return (len(targets) for _, _, targets in loader)
 
-    return _rate(_endless(epoch), images, warmup)
+    return _rate(_endless(epoch), images, warmup_s)
 
 
 def pillow_rate(
-    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup: int
+    images_dir: Path, ann: Path, train: bool, workers: int, batch_size: int, images: int, warmup_s: float
 ) -> float:
     import torch
 
@@ -103,10 +106,10 @@ def pillow_rate(
         collate_fn=ref.collate,
         persistent_workers=workers > 0,
     )
-    return _rate(_endless(lambda _: (len(t) for _, _, t in loader)), images, warmup)
+    return _rate(_endless(lambda _: (len(t) for _, _, t in loader)), images, warmup_s)
 
 
-def decode_only_rate(paths: list[Path], workers: int, images: int, warmup: int) -> float:
+def decode_only_rate(paths: list[Path], workers: int, images: int, warmup_s: float) -> float:
     import cv2
     import numpy as np
 
@@ -116,12 +119,15 @@ def decode_only_rate(paths: list[Path], workers: int, images: int, warmup: int) 
         data = np.frombuffer(path.read_bytes(), np.uint8)
         return int(cv2.imdecode(data, cv2.IMREAD_COLOR) is not None)
 
-    warmup = max(warmup, workers)
-    order = [paths[i % len(paths)] for i in range(warmup + images)]
+    order = [paths[i % len(paths)] for i in range(images)]
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(decode, order[:warmup]))
+        warm_until = time.perf_counter() + warmup_s
+        while True:  # at least one round
+            list(pool.map(decode, order[: 4 * workers]))
+            if time.perf_counter() >= warm_until:
+                break
         start = time.perf_counter()
-        done = sum(pool.map(decode, order[warmup:]))
+        done = sum(pool.map(decode, order))
     return done / (time.perf_counter() - start)
 
 
@@ -212,7 +218,7 @@ def bench_loader_report(
     parse_size_mb: float = 0,
     synth_images: int = 48,
     repeats: int = 3,
-    warmup: int = 96,
+    warmup_s: float = 1.0,
 ) -> dict:
     """Runs the benchmark (see the module docstring); every ratio comes from this one run."""
     report: dict = {
@@ -220,7 +226,7 @@ def bench_loader_report(
         "workers": workers,
         "batch_size": batch_size,
         "split": "train" if train else "val",
-        "warmup_images": warmup,
+        "warmup_s": warmup_s,
     }
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-loader-") as tmp:
         if images > 0:
@@ -239,9 +245,9 @@ def bench_loader_report(
             if not paths:
                 raise UserError(f"{images_dir}: no JPEG files")
             runs = {
-                "decode-only": lambda: decode_only_rate(paths, workers, images, warmup),
-                "rust": lambda: rust_rate(images_dir, ann, train, workers, batch_size, images, warmup),
-                "pillow": lambda: pillow_rate(images_dir, ann, train, workers, batch_size, images, warmup),
+                "decode-only": lambda: decode_only_rate(paths, workers, images, warmup_s),
+                "rust": lambda: rust_rate(images_dir, ann, train, workers, batch_size, images, warmup_s),
+                "pillow": lambda: pillow_rate(images_dir, ann, train, workers, batch_size, images, warmup_s),
             }
             # Round-robin repeats, best of each: on a shared machine the least-disturbed run of
             # every pipeline is the fairest comparison.
@@ -310,8 +316,8 @@ def bench_loader(
     workers: int = typer.Option(2, "--workers", min=1, help="Worker threads (rust) / processes (baseline)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Images per batch."),
     images: int = typer.Option(192, "--images", min=0, help="Images timed per pipeline (0: no throughput)."),
-    warmup: int = typer.Option(
-        96, "--warmup", min=0, help="Images each pipeline runs untimed first (start-up, fresh buffers)."
+    warmup_s: float = typer.Option(
+        1.0, "--warmup-s", min=0, help="Seconds each pipeline runs untimed first (start-up, buffers, caches)."
     ),
     val: bool = typer.Option(False, "--val", help="Time the evaluation transform instead of training's."),
     parse_size_mb: float = typer.Option(
@@ -340,7 +346,7 @@ def bench_loader(
         parse_size_mb=parse_size_mb,
         synth_images=synth_images,
         repeats=repeats,
-        warmup=warmup,
+        warmup_s=warmup_s,
     )
     _print_report(report)
     if json_out is not None:
