@@ -91,9 +91,10 @@ impl Taps {
                 let t = (((x as i64 + xmin) as f64 - center + 0.5) * ss).abs();
                 *wx = if t < 1.0 { 1.0 - t } else { 0.0 };
             }
-            let ww: f64 = w.iter().sum();
+            // Only the window's `count` weights are non-zero (divisions are this loop's cost).
+            let ww: f64 = w[..count].iter().sum();
             if ww != 0.0 {
-                w.iter_mut().for_each(|v| *v /= ww);
+                w[..count].iter_mut().for_each(|v| *v /= ww);
             }
             // Windows near the end start earlier (`start + k <= in_size`), padded with zeros.
             let start = xmin.min((in_size - k) as i64) as usize;
