@@ -907,9 +907,10 @@ mod tests {
     }
 
     #[test]
-    fn upscales_match_the_reference_and_the_generic_path() {
+    fn whole_image_resizes_match_the_reference_and_the_generic_path() {
         type Size = (usize, usize);
         let cases: &[(Size, Size)] = &[
+            // Upscales (two taps).
             ((37, 29), (61, 53)),
             ((64, 48), (1066, 800)),
             ((17, 3), (40, 9)),
@@ -919,15 +920,39 @@ mod tests {
             ((1, 7), (9, 11)),
             ((6, 1), (13, 2)),
             ((2, 2), (19, 19)),
+            // Downscales (more taps) and mixed.
+            ((640, 480), (533, 400)),
+            ((640, 427), (599, 400)),
+            ((101, 77), (96, 73)),
+            ((99, 61), (50, 31)),
+            ((97, 53), (39, 22)),
+            ((61, 45), (59, 23)),
+            ((1, 40), (1, 19)),
+            ((40, 1), (21, 1)),
+            ((2, 9), (1, 4)),
+            ((37, 29), (61, 15)),
         ];
         for (k, &((w, h), (ow, oh))) in cases.iter().enumerate() {
             let img = noise(w, h, k as u32);
-            let r = Resize::new((w, h), whole(&img), (ow, oh), false).expect("2-tap");
-            let ours = r.to_rgb(&img);
-            let refd = reference(&img, whole(&img), ow, oh);
-            assert!(max_diff(&ours, &refd) <= 1, "{w}x{h} -> {ow}x{oh}");
+            let mut mirrored = img.clone();
+            hflip(&mut mirrored, &mut Boxes::default());
+            for flip in [false, true] {
+                // Flip folded into the taps == resize of the mirrored image.
+                let r = Resize::new((w, h), whole(&img), (ow, oh), flip).expect("few taps");
+                let source = if flip { &mirrored } else { &img };
+                let refd = reference(source, whole(&img), ow, oh);
+                let what = format!("{w}x{h} -> {ow}x{oh} flip {flip}");
+                assert!(max_diff(&r.to_rgb(&img), &refd) <= 1, "{what}");
+                assert_rows_agree(&r, &img, &what);
+            }
+            let ours = Resize::new((w, h), whole(&img), (ow, oh), false)
+                .expect("few taps")
+                .to_rgb(&img);
             let generic = resize_window_generic(&img, whole(&img), ow, oh);
-            assert!(max_diff(&ours, &generic) <= 1, "{w}x{h} -> {ow}x{oh}");
+            assert!(
+                max_diff(&ours, &generic) <= 1,
+                "{w}x{h} -> {ow}x{oh} generic"
+            );
             if (w, h) == (ow, oh) {
                 assert_eq!(ours, img, "identity resize is exact");
             }
@@ -937,24 +962,31 @@ mod tests {
     #[test]
     fn crop_boxes_and_flips_match() {
         let img = noise(57, 43, 9);
+        let mut mirrored = img.clone();
+        hflip(&mut mirrored, &mut Boxes::default());
         for (bx, (ow, oh)) in [
+            // Upscaled windows.
             ((3.25, 5.5, 30.0, 20.0), (47, 31)),
             ((0.0, 0.0, 57.0, 43.0), (100, 77)),
             ((10.0, 2.0, 47.0, 41.0), (47, 41)),
             ((56.0, 42.0, 1.0, 1.0), (4, 4)),
+            // Downscaled windows (the crop branch's resize to a shorter side of 400).
+            ((3.25, 5.5, 50.0, 37.0), (39, 23)),
+            ((10.0, 2.0, 47.0, 41.0), (30, 33)),
+            ((0.5, 0.0, 56.5, 43.0), (28, 40)),
+            ((55.0, 36.0, 2.0, 7.0), (1, 3)),
         ] {
-            let r = Resize::new((57, 43), bx, (ow, oh), false).expect("2-tap");
-            let refd = reference(&img, bx, ow, oh);
-            assert!(max_diff(&r.to_rgb(&img), &refd) <= 1, "{bx:?}");
-            // Flip folded into the taps == resize of the mirrored image.
-            let mut mirrored = img.clone();
-            hflip(&mut mirrored, &mut Boxes::default());
-            let flipped = Resize::new((57, 43), bx, (ow, oh), true).expect("2-tap");
-            let refd = reference(&mirrored, bx, ow, oh);
-            assert!(
-                max_diff(&flipped.to_rgb(&img), &refd) <= 1,
-                "{bx:?} flipped"
-            );
+            for flip in [false, true] {
+                let r = Resize::new((57, 43), bx, (ow, oh), flip).expect("few taps");
+                let source = if flip { &mirrored } else { &img };
+                let refd = reference(source, bx, ow, oh);
+                assert!(max_diff(&r.to_rgb(&img), &refd) <= 1, "{bx:?} flip {flip}");
+                let generic = resize_window_generic(source, bx, ow, oh);
+                assert!(
+                    max_diff(&r.to_rgb(&img), &generic) <= 1,
+                    "{bx:?} flip {flip}"
+                );
+            }
         }
     }
 
@@ -997,52 +1029,6 @@ mod tests {
             // Two-tap filters read the interleaved row, the others its channel planes.
             assert_eq!(r.horizontal.planar, r.horizontal.taps.k > 2, "{w} -> {ow}");
             assert_rows_agree(&r, &img, &format!("{w} -> {ow} flip {flip}"));
-        }
-    }
-
-    #[test]
-    fn downscales_match_the_reference_with_crop_boxes_and_flips() {
-        type Size = (usize, usize);
-        let cases: &[(Size, Size)] = &[
-            ((640, 480), (533, 400)),
-            ((640, 427), (599, 400)),
-            ((101, 77), (96, 73)),
-            ((99, 61), (50, 31)),
-            ((97, 53), (39, 22)),
-            ((61, 45), (59, 23)),
-            ((1, 40), (1, 19)),
-            ((40, 1), (21, 1)),
-            ((2, 9), (1, 4)),
-            ((37, 29), (61, 15)),
-        ];
-        for (k, &((w, h), (ow, oh))) in cases.iter().enumerate() {
-            let img = noise(w, h, 100 + k as u32);
-            let mut mirrored = img.clone();
-            hflip(&mut mirrored, &mut Boxes::default());
-            for flip in [false, true] {
-                let r = Resize::new((w, h), whole(&img), (ow, oh), flip).expect("few taps");
-                let source = if flip { &mirrored } else { &img };
-                let refd = reference(source, whole(&img), ow, oh);
-                let what = format!("{w}x{h} -> {ow}x{oh} flip {flip}");
-                assert!(max_diff(&r.to_rgb(&img), &refd) <= 1, "{what}");
-                assert_rows_agree(&r, &img, &what);
-            }
-            let generic = resize_window_generic(&img, whole(&img), ow, oh);
-            let r = Resize::new((w, h), whole(&img), (ow, oh), false).expect("few taps");
-            assert!(max_diff(&r.to_rgb(&img), &generic) <= 1, "{w}x{h} generic");
-        }
-        // Crop windows (the crop branch's resize to a shorter side of 400 of a window).
-        let img = noise(83, 67, 7);
-        for (bx, (ow, oh)) in [
-            ((3.25, 5.5, 60.0, 50.0), (47, 31)),
-            ((10.0, 2.0, 73.0, 65.0), (40, 33)),
-            ((0.5, 0.0, 82.5, 67.0), (41, 60)),
-            ((81.0, 60.0, 2.0, 7.0), (1, 3)),
-        ] {
-            let r = Resize::new((83, 67), bx, (ow, oh), false).expect("few taps");
-            let refd = reference(&img, bx, ow, oh);
-            assert!(max_diff(&r.to_rgb(&img), &refd) <= 1, "{bx:?}");
-            assert!(max_diff(&r.to_rgb(&img), &resize_window_generic(&img, bx, ow, oh)) <= 1);
         }
     }
 
