@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -42,25 +42,22 @@ thread_local! {
 
 fn read_and_decode(path: &Path) -> Result<RgbImage> {
     let name = path.display().to_string();
-    FILE_BYTES.with(|cell| {
-        // A fresh buffer if a caller up the stack holds this thread's one (never the case today).
-        let mut spare = Vec::new();
-        let mut held = cell.try_borrow_mut();
-        let bytes = held.as_deref_mut().unwrap_or(&mut spare);
-        bytes.clear();
-        std::fs::File::open(path)
-            .and_then(|mut file| file.read_to_end(bytes))
-            .map_err(|source| LoaderError::Io {
-                path: name.clone(),
-                source,
-            })?;
-        let decoded = decode_image(bytes);
-        // A rare giant file does not keep its buffer alive in every worker.
-        if bytes.capacity() > 16 << 20 {
-            *bytes = Vec::new();
-        }
-        decoded.map_err(|detail| LoaderError::Decode { path: name, detail })
-    })
+    let mut bytes = FILE_BYTES.take();
+    bytes.clear();
+    let read = std::fs::File::open(path).and_then(|mut file| file.read_to_end(&mut bytes));
+    let decoded = read
+        .map_err(|source| LoaderError::Io {
+            path: name.clone(),
+            source,
+        })
+        .and_then(|_| {
+            decode_image(&bytes).map_err(|detail| LoaderError::Decode { path: name, detail })
+        });
+    // A rare giant file does not keep its buffer alive in every worker.
+    if bytes.capacity() <= 16 << 20 {
+        FILE_BYTES.set(bytes);
+    }
+    decoded
 }
 
 /// A COCO detection dataset with the official train or val transforms.
@@ -350,7 +347,6 @@ struct BatchInProgress {
     /// Plan position of the batch.
     position: usize,
     loaded: Mutex<Vec<Option<Result<Sample>>>>,
-    remaining: AtomicUsize,
 }
 
 impl BatchInProgress {
@@ -358,8 +354,7 @@ impl BatchInProgress {
     fn store(&self, slot: usize, sample: Result<Sample>) -> Option<Vec<Result<Sample>>> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         loaded[slot] = Some(sample);
-        // Decremented under the lock, so the last one sees every other image stored.
-        (self.remaining.fetch_sub(1, Ordering::AcqRel) == 1).then(|| {
+        loaded.iter().all(Option::is_some).then(|| {
             std::mem::take(&mut *loaded)
                 .into_iter()
                 .map(|s| s.expect("every image of the batch was stored"))
@@ -529,7 +524,6 @@ impl EpochIter {
             let batch = Arc::new(BatchInProgress {
                 position: k,
                 loaded: Mutex::new((0..indices.len()).map(|_| None).collect()),
-                remaining: AtomicUsize::new(indices.len()),
             });
             for (slot, &index) in indices.iter().enumerate() {
                 let (shared, tx, cancelled, batch, epoch) = (

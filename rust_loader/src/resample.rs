@@ -685,16 +685,39 @@ fn deinterleave(row: &[u8], planes: &mut [u8], stride: usize, simd: bool) {
     }
 }
 
+/// A `[chunk][channel]` table of byte shuffles as SSE registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn load_masks(table: &[[[u8; 16]; 3]; 3]) -> [[std::arch::x86_64::__m128i; 3]; 3] {
+    // SAFETY: each load reads one 16-byte array.
+    std::array::from_fn(|k| {
+        std::array::from_fn(|c| unsafe {
+            std::arch::x86_64::_mm_loadu_si128(table[k][c].as_ptr().cast())
+        })
+    })
+}
+
+/// `shuffle(v[0], m[0]) | shuffle(v[1], m[1]) | shuffle(v[2], m[2])`: gathers 16 bytes from
+/// three registers (the step of both interleaving directions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn shuffle_or3(
+    v: [std::arch::x86_64::__m128i; 3],
+    m: [std::arch::x86_64::__m128i; 3],
+) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    _mm_or_si128(
+        _mm_or_si128(_mm_shuffle_epi8(v[0], m[0]), _mm_shuffle_epi8(v[1], m[1])),
+        _mm_shuffle_epi8(v[2], m[2]),
+    )
+}
+
 /// Splits 16 pixels at a time with byte shuffles; returns how many pixels it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "ssse3")]
 unsafe fn deinterleave_ssse3(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
-    let mask = |chunk: usize, channel: usize| {
-        // SAFETY: reading 16 bytes from a 16-byte array.
-        unsafe { _mm_loadu_si128(DEINTERLEAVE[chunk][channel].as_ptr().cast()) }
-    };
-    let masks: [[__m128i; 3]; 3] = std::array::from_fn(|k| std::array::from_fn(|c| mask(k, c)));
+    let masks = load_masks(&DEINTERLEAVE);
     let n = row.len() / 3;
     assert!(r.len() >= n && g.len() >= n && b.len() >= n);
     let mut x = 0;
@@ -705,13 +728,7 @@ unsafe fn deinterleave_ssse3(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8
             let v: [__m128i; 3] =
                 std::array::from_fn(|k| _mm_loadu_si128(row.as_ptr().add(3 * x + 16 * k).cast()));
             for (c, plane) in [&mut *r, &mut *g, &mut *b].into_iter().enumerate() {
-                let out = _mm_or_si128(
-                    _mm_or_si128(
-                        _mm_shuffle_epi8(v[0], masks[0][c]),
-                        _mm_shuffle_epi8(v[1], masks[1][c]),
-                    ),
-                    _mm_shuffle_epi8(v[2], masks[2][c]),
-                );
+                let out = shuffle_or3(v, [masks[0][c], masks[1][c], masks[2][c]]);
                 _mm_storeu_si128(plane.as_mut_ptr().add(x).cast(), out);
             }
         }
@@ -743,11 +760,7 @@ fn interleave(planes: &[u8], row: &mut [u8], simd: bool) {
 #[target_feature(enable = "ssse3")]
 unsafe fn interleave_ssse3(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
-    let mask = |chunk: usize, channel: usize| {
-        // SAFETY: reading 16 bytes from a 16-byte array.
-        unsafe { _mm_loadu_si128(INTERLEAVE[chunk][channel].as_ptr().cast()) }
-    };
-    let masks: [[__m128i; 3]; 3] = std::array::from_fn(|k| std::array::from_fn(|c| mask(k, c)));
+    let masks = load_masks(&INTERLEAVE);
     let n = row.len() / 3;
     assert!(r.len() >= n && g.len() >= n && b.len() >= n);
     let mut x = 0;
@@ -760,11 +773,8 @@ unsafe fn interleave_ssse3(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) -> usiz
                 _mm_loadu_si128(g.as_ptr().add(x).cast()),
                 _mm_loadu_si128(b.as_ptr().add(x).cast()),
             ];
-            for (k, m) in masks.iter().enumerate() {
-                let out = _mm_or_si128(
-                    _mm_or_si128(_mm_shuffle_epi8(v[0], m[0]), _mm_shuffle_epi8(v[1], m[1])),
-                    _mm_shuffle_epi8(v[2], m[2]),
-                );
+            for (k, &m) in masks.iter().enumerate() {
+                let out = shuffle_or3(v, m);
                 _mm_storeu_si128(row.as_mut_ptr().add(3 * x + 16 * k).cast(), out);
             }
         }
