@@ -32,6 +32,7 @@ from ddetr_cli.commands import predict as predict_cmd
 from ddetr_cli.commands import synth as synth_cmd
 from ddetr_cli.commands import train as train_cmd
 from ddetr_cli.console import UserError, err_console, error, is_verbose, set_verbosity
+from ddetr_cli.engine.settings import RESUME_AUTO
 
 GLOBAL_FLAGS = {"-v": "--verbose", "--verbose": "--verbose", "-q": "--quiet", "--quiet": "--quiet"}
 USER_ERROR_TYPES = ("UserError", "DataError", "CheckpointError")
@@ -51,7 +52,7 @@ def _normalise_args(args: list[str]) -> list[str]:
         if arg == "--resume":
             following = args[i + 1] if i + 1 < len(args) else None
             if following is None or following.startswith("-"):
-                rest.append(train_cmd.RESUME_AUTO)
+                rest.append(RESUME_AUTO)
     return head + rest
 
 

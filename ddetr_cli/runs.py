@@ -77,6 +77,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as indented JSON atomically; an unwritable path is a one-line user error."""
+    import json
+
+    from ddetr_cli.console import UserError
+
+    path = Path(path)
+    try:
+        return atomic_write_text(path, json.dumps(obj, indent=1))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def latest_checkpoint(project: str | os.PathLike) -> Path | None:
     """The most recently written `*/weights/last.pt` under `project` (for a bare `--resume`)."""
     candidates = list(Path(project).glob("*/weights/last.pt"))

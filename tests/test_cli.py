@@ -201,7 +201,7 @@ def test_data_synthetic_is_generated_on_first_use(tmp_path, monkeypatch):
 
 
 def test_settings_precedence_explicit_over_preset_over_paper():
-    from ddetr_cli.commands.train import TRAIN_DEFAULTS, resolve_settings
+    from ddetr_cli.engine.settings import TRAIN_DEFAULTS, resolve_settings
 
     model, settings = resolve_settings({})
     assert settings == {**TRAIN_DEFAULTS} and model == {}
@@ -381,7 +381,7 @@ def test_bench_json(tmp_path):
 
 def test_predict_names_coco_classes_of_an_official_style_model(synthetic_coco, tmp_path):
     """A 91-class checkpoint without names or id mapping (official COCO layout): identity ids, COCO names."""
-    from ddetr_cli.commands.predict import COCO_CATEGORY_NAMES
+    from ddetr_cli.engine.prediction import COCO_CATEGORY_NAMES
     from ddetr_cli.model import DeformableDetrConfig, build_model, model_checkpoint
 
     torch.manual_seed(0)

@@ -283,7 +283,7 @@ def test_eval_weights_equals_pycocotools(trained_run, synthetic_coco, tmp_path):
     for name, value in zip(STAT_NAMES, reference.stats):
         assert metrics[name] == pytest.approx(float(value), abs=1e-12), name
     assert set(metrics["per_class"]) == {"circle", "square", "triangle", "star", "cross"}
-    from ddetr_cli.commands.evaluate import inference_size
+    from ddetr_cli.engine.inference import inference_size
 
     assert inference_size(trained_run / "weights" / "best.pt", None) == 64  # --imgsz of the training run
     # the same model, data and image size as the training run's last evaluation

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ddetr_cli.commands.demo import FAST, run_demo
+from ddetr_cli.engine.demo import FAST, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def fast_demo(tmp_path_factory):
 
 def _untrained_metrics(result, tmp_path):
     """Evaluate a freshly initialised model of the same configuration on the same val split."""
-    from ddetr_cli.commands.evaluate import evaluate
+    from ddetr_cli.engine.evaluation import evaluate
     from ddetr_cli.model import DeformableDetrConfig, build_model, model_checkpoint
 
     trained = torch.load(result.weights, map_location="cpu", weights_only=True)

@@ -39,9 +39,9 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.evaluate import write_json
 from ddetr_cli.console import UserError, console, info
 from ddetr_cli.datasets import resolve_split
+from ddetr_cli.runs import write_json
 
 EXAMPLES = [
     "ddetr bench loader",

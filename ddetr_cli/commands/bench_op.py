@@ -212,7 +212,7 @@ def bench_op(
     )
     _print_report(report)
     if json_out is not None:
-        from ddetr_cli.commands.evaluate import write_json
+        from ddetr_cli.runs import write_json
 
         write_json(json_out, report)
         console.print(f"Wrote {json_out}")

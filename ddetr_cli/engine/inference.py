@@ -1,0 +1,186 @@
+"""One inference path: weights -> detector -> per-image detections -> COCO results entries.
+
+Every command that runs a model (eval, predict, bench, train's evaluation, export's check) goes
+through a *detector*:
+
+    detector = load_detector("best.pt", device)          # or a model.onnx (onnxruntime)
+    results = detector(images, mask, orig_sizes, topk=100)
+
+    images      [B, 3, H, W] float32, ImageNet-normalised (the loaders' output)
+    mask        [B, H, W] bool, True on padding
+    orig_sizes  [B, 2] (h, w) of the original images
+    results     B dicts like `ddetr_cli.model.postprocess`: "scores" [k] descending, "labels" [k]
+                int64 class indices, "boxes" [k, 4] xyxy in original-image pixels
+
+The PyTorch detector runs every image at its own size (images of one size share a forward pass),
+so an image's detections never depend on the other images of its batch: Deformable DETR's output
+changes slightly with the padding a batch adds (border convolutions, valid ratios), which made
+`predict` (batch 1) and `eval` (batch 2) disagree by up to 7e-4 in score before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from ddetr_cli.console import UserError, progress
+
+DEFAULT_SIZE = 800
+MAX_SIZE_RATIO = 1333 / 800  # the paper's longer-side cap relative to the shorter side
+ONNX_SUFFIX = ".onnx"
+
+
+def image_sizes(imgsz: int) -> tuple[int, int]:
+    """Shorter-side inference size -> (val_size, max_size) with the paper's 800:1333 ratio."""
+    if imgsz < 32:
+        raise UserError(f"--imgsz must be at least 32 pixels, got {imgsz}")
+    return imgsz, round(imgsz * MAX_SIZE_RATIO)
+
+
+def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
+    """--imgsz when given, else the size the weights were trained/exported for, else 800."""
+    if imgsz is not None:
+        return imgsz
+    if weights is not None and str(weights).endswith(ONNX_SUFFIX):
+        from ddetr_cli.engine.onnx_detector import onnx_imgsz
+
+        return onnx_imgsz(weights) or DEFAULT_SIZE
+    if weights is not None:
+        from ddetr_cli.runs import checkpoint_meta
+
+        size = checkpoint_meta(weights).get("imgsz")
+        if isinstance(size, int):
+            return size
+    return DEFAULT_SIZE
+
+
+def load_weights(weights: str | Path, device, num_classes: int | None = None):
+    """load_model with path checks: a missing path is a user error, not a traceback."""
+    from ddetr_cli.model import load_model
+
+    path = Path(weights)
+    if not path.exists():
+        raise UserError(f"--weights: no such file or directory: {weights}")
+    return load_model(path, device=device, num_classes=num_classes)
+
+
+def load_detector(weights: str | Path, device, amp: str = "off"):
+    """A ddetr .pt, official .pth or HF folder -> TorchDetector; a .onnx file -> OnnxDetector."""
+    if str(weights).endswith(ONNX_SUFFIX):
+        if not Path(weights).is_file():
+            raise UserError(f"--weights: no such file: {weights}")
+        from ddetr_cli.engine.onnx_detector import OnnxDetector
+
+        return OnnxDetector(weights, device=device)
+    return TorchDetector(load_weights(weights, device), device, amp)
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+class TorchDetector:
+    """A Deformable DETR (PyTorch) behind the detector interface of this module."""
+
+    def __init__(self, model, device, amp: str = "off"):
+        self.model = model
+        self.device = device
+        self.amp = amp
+
+    @property
+    def config(self):
+        return unwrap(self.model).config
+
+    def __call__(self, images, mask, orig_sizes, topk: int = 100) -> list[dict]:
+        import torch
+
+        from ddetr_cli.distributed import autocast
+        from ddetr_cli.model import postprocess
+
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        results: list = [None] * images.shape[0]
+        try:
+            with torch.no_grad():
+                for indices, (h, w) in same_size_groups(mask):
+                    with autocast(self.device, self.amp):
+                        outputs = model(images[indices, :, :h, :w], mask[indices, :h, :w])
+                    for i, result in zip(indices, postprocess(outputs, orig_sizes[indices], topk=topk)):
+                        results[i] = result
+        finally:
+            model.train(was_training)
+        return results
+
+
+def same_size_groups(mask) -> list[tuple[list[int], tuple[int, int]]]:
+    """Padding mask [B, H, W] -> [(batch indices, (h, w))] of images with the same unpadded size.
+
+    The loaders pad at the bottom and right, so an image's extent is its unpadded rows and columns.
+    """
+    valid = ~mask
+    heights = valid.any(dim=2).sum(dim=1).tolist()
+    widths = valid.any(dim=1).sum(dim=1).tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(zip(heights, widths)):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(i)
+    return [(indices, size) for size, indices in groups.items()]
+
+
+def class_to_category(config) -> list[int]:
+    """Class index -> dataset category id (identity when the checkpoint has no mapping, as official COCO)."""
+    if config.category_ids is not None:
+        return [int(c) for c in config.category_ids]
+    return list(range(config.num_classes))
+
+
+def coco_detections(result: dict, image_id, category_ids: list[int], score_thr: float = 0.0) -> list[dict]:
+    """One image's detector output (xyxy pixels) -> COCO results entries ([x, y, w, h] pixels).
+
+    Boxes and scores are rounded (0.01 px, 1e-5) before anything is evaluated or saved, so a saved
+    detections file evaluates to exactly the numbers reported with it.
+    """
+    scores = result["scores"].float().cpu().tolist()
+    labels = result["labels"].cpu().tolist()
+    boxes = result["boxes"].float().cpu().tolist()
+    out = []
+    for score, label, (x0, y0, x1, y1) in zip(scores, labels, boxes):
+        if score < score_thr:
+            continue
+        entry = {} if image_id is None else {"image_id": int(image_id)}
+        entry["category_id"] = category_ids[label] if label < len(category_ids) else int(label)
+        entry["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+        entry["score"] = round(score, 5)
+        out.append(entry)
+    return out
+
+
+def dataset_detections(detector, loader, ctx, topk: int = 100, description: str = "eval", bar=None) -> list:
+    """Run `detector` over a val CocoLoader on every rank -> every image's COCO detections, on every rank.
+
+    Images a rank saw twice (shards are padded to equal length) are counted once. `bar`: a live
+    Rich progress to add a task to (only one live display can exist), else one is made.
+    """
+    import torch
+
+    from ddetr_cli.distributed import gather_lists
+
+    category_ids = class_to_category(detector.config)
+    per_image: list[tuple[int, list]] = []
+    own_bar = progress(disable=not ctx.is_main) if bar is None else contextlib.nullcontext(bar)
+    with own_bar as bar:
+        task = bar.add_task(description, total=len(loader), status="")
+        for images, mask, targets in loader:
+            images, mask = images.to(ctx.device, non_blocking=True), mask.to(ctx.device, non_blocking=True)
+            orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(ctx.device)
+            for target, result in zip(targets, detector(images, mask, orig_sizes, topk=topk)):
+                image_id = int(target["image_id"])
+                per_image.append((image_id, coco_detections(result, image_id, category_ids)))
+            bar.advance(task)
+    seen, detections = set(), []
+    for image_id, dets in gather_lists(per_image, ctx):
+        if image_id not in seen:
+            seen.add(image_id)
+            detections.extend(dets)
+    return detections
