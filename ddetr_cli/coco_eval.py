@@ -119,10 +119,11 @@ def per_class_ap(coco_eval) -> dict:
     return result
 
 
-def evaluate_detections(gt, detections: list) -> dict:
+def evaluate_detections(gt, detections: list, image_ids: list[int] | None = None) -> dict:
     """Run COCOeval (bbox) -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
 
-    `detections` must already have passed `check_detections`.
+    `detections` must already have passed `check_detections`. `image_ids`: evaluate only these
+    images (those a model actually saw), default all of the ground truth's.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -137,6 +138,8 @@ def evaluate_detections(gt, detections: list) -> dict:
             dt.dataset["annotations"] = []
             dt.createIndex()
         coco_eval = COCOeval(gt, dt, iouType="bbox")
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

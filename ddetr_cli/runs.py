@@ -90,6 +90,19 @@ def write_json(path: str | os.PathLike, obj) -> Path:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from e
 
 
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Fail early, before hours of work, when `path` could not be written later (one-line user error)."""
+    from ddetr_cli.console import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a directory, not a file")
+    try:
+        atomic_write(path.parent / f".{path.name}.probe", lambda f: None).unlink()
+    except OSError as e:
+        raise UserError(f"{option}: cannot write {path}: {e.strerror or e}") from None
+
+
 def latest_checkpoint(project: str | os.PathLike) -> Path | None:
     """The most recently written `*/weights/last.pt` under `project` (for a bare `--resume`)."""
     candidates = list(Path(project).glob("*/weights/last.pt"))

@@ -384,7 +384,7 @@ def test_predict_with_nothing_readable_is_a_user_error(trained_run, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_eval_with_a_missing_image_names_it(trained_run, synthetic_coco, tmp_path):
+def test_eval_with_a_missing_image_names_it_and_evaluates_the_others(trained_run, synthetic_coco, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_coco, root)
     missing = sorted((root / "val").glob("*.jpg"))[1]
@@ -400,5 +400,8 @@ def test_eval_with_a_missing_image_names_it(trained_run, synthetic_coco, tmp_pat
         "--out",
         tmp_path / "m.json",
     )
-    assert result.exit_code == 2
-    assert missing.name in error_line(result)
+    assert result.exit_code == 0, result.output
+    assert missing.name in result.stderr and "1 unreadable images skipped" in result.stderr
+    assert "3 images, 1 unreadable skipped" in result.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["images"] == 3 and metrics["skipped_images"] == 1

@@ -34,7 +34,7 @@ def command(
         None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth or Hugging Face folder."
     ),
     data: str = typer.Option(
-        "synthetic", "--data", help="Dataset: COCO-layout ROOT folder, dataset.yaml, or 'synthetic'."
+        ..., "--data", help="Dataset: COCO-layout ROOT folder, dataset.yaml, or 'synthetic' (generated)."
     ),
     split: str = typer.Option(
         "val", "--split", help="Split to evaluate (annotations/instances_<split>*.json)."

@@ -33,8 +33,8 @@ EXAMPLES = [
 
 
 def command(
-    data: str = typer.Option(
-        "synthetic", "--data", help="COCO-layout ROOT folder, dataset.yaml, or 'synthetic'."
+    data: Optional[str] = typer.Option(
+        None, "--data", help="COCO-layout ROOT folder, dataset.yaml, or 'synthetic' (default: synthetic)."
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: 50)."),
     batch_size: Optional[int] = typer.Option(

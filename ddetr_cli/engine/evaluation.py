@@ -13,14 +13,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ddetr_cli.console import UserError, console, debug, info
-from ddetr_cli.engine.inference import dataset_detections, image_sizes, inference_size, load_detector
-from ddetr_cli.runs import write_json
+from ddetr_cli.console import UserError, console, debug, info, warn
+from ddetr_cli.engine.inference import (
+    DatasetDetections,
+    class_to_category,
+    dataset_detections,
+    image_sizes,
+    inference_size,
+    load_detector,
+    skipped_summary,
+)
+from ddetr_cli.runs import check_writable, write_json
 
 
 def evaluate(
     weights: str | Path | None = None,
-    data: str = "synthetic",
+    data: str | None = None,
     split: str = "val",
     out: str | Path | None = "metrics.json",
     save_detections: str | Path | None = None,
@@ -41,26 +49,30 @@ def evaluate(
     from ddetr_cli import coco_eval
     from ddetr_cli.datasets import resolve_split
 
+    if data is None:
+        raise UserError("give --data: a COCO-layout ROOT folder, a dataset.yaml, or 'synthetic'")
     if (weights is None) == (predictions is None):
         raise UserError("give exactly one of --weights (evaluate a model) or --predictions (a results file)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if weights is not None and not Path(weights).exists():
         raise UserError(f"--weights: no such file or directory: {weights}")
+    for path, option in ((out, "--out"), (save_detections, "--save-detections")):
+        if path is not None:
+            check_writable(path, option)
     data_split = resolve_split(data, split)
     gt = coco_eval.load_ground_truth(data_split.annotation_file)
 
     if predictions is not None:
         detections = coco_eval.load_detections(predictions)
         detections = coco_eval.check_detections(detections, gt, str(predictions))
-        is_main = True
+        metrics = coco_eval.evaluate_detections(gt, detections)
+        metrics.update(images=len(gt.imgs), skipped_images=0)
     else:
-        detections, is_main = _run_model(weights, data_split, device, batch_size, workers, imgsz, amp, topk)
-        detections = coco_eval.check_detections(detections, gt, "model")
-    if not is_main:
-        return {}
-
-    metrics = coco_eval.evaluate_detections(gt, detections)
+        run, is_main = _run_model(weights, data_split, gt, device, batch_size, workers, imgsz, amp, topk)
+        if not is_main:
+            return {}
+        detections, metrics = score_run(gt, run, data_split.annotation_file)
     if data_split.class_names is not None:
         metrics["per_class"] = _rename_classes(metrics["per_class"], gt, data_split.class_names)
     if save_detections is not None and predictions is None:
@@ -69,13 +81,51 @@ def evaluate(
     if out is not None:
         write_json(out, metrics)
     if show:
-        console.print(
-            coco_eval.metrics_table(metrics, title=f"COCO bbox evaluation ({split}: {len(gt.imgs)} images)")
-        )
+        title = f"COCO bbox evaluation ({split}: {_seen(metrics)})"
+        console.print(coco_eval.metrics_table(metrics, title=title))
         console.print(coco_eval.per_class_table(metrics["per_class"]))
         if out is not None:
             info(f"Metrics: {out}")
     return metrics
+
+
+def score_run(gt, run: DatasetDetections, annotation_file) -> tuple[list[dict], dict]:
+    """A model's pass over a split -> (its checked detections, COCO metrics on the images it saw).
+
+    Unreadable images are left out of the evaluation (their ground truth would count as missed),
+    said in one warning and counted in the metrics ("images", "skipped_images"); a split of which
+    no image could be read is a user error.
+    """
+    from ddetr_cli import coco_eval
+
+    if run.skipped:
+        warn(f"{annotation_file}: {skipped_summary(run.skipped, 'images')}; evaluated without them")
+    if not run.image_ids:
+        raise UserError(f"{annotation_file}: none of the {len(gt.imgs)} images could be read")
+    detections = coco_eval.check_detections(run.detections, gt, "model")
+    metrics = coco_eval.evaluate_detections(gt, detections, image_ids=run.image_ids if run.skipped else None)
+    metrics.update(images=len(run.image_ids), skipped_images=len(run.skipped))
+    return detections, metrics
+
+
+def _seen(metrics: dict) -> str:
+    if metrics.get("skipped_images"):
+        return f"{metrics['images']} images, {metrics['skipped_images']} unreadable skipped"
+    return f"{metrics['images']} images"
+
+
+def check_classes(config, gt, weights, annotation_file) -> None:
+    """Refuse weights whose classes cannot name the split's categories: their AP would be about 0."""
+    model_ids = set(class_to_category(config))
+    gt_ids = set(gt.getCatIds())
+    unknown = sorted(gt_ids - model_ids)
+    if unknown:
+        listed = ", ".join(str(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(
+            f"{weights}: its {config.num_classes} classes do not cover the categories of {annotation_file} "
+            f"({len(unknown)} of {len(gt_ids)} unknown to it: ids {listed}); its AP would be about 0. "
+            "Fine-tune it on this data first: ddetr train --weights ..."
+        )
 
 
 def _rename_classes(per_class: dict, gt, names: list[str]) -> dict:
@@ -87,13 +137,14 @@ def _rename_classes(per_class: dict, gt, names: list[str]) -> dict:
     return dict(zip(names, per_class.values()))
 
 
-def _run_model(weights, data_split, device, batch_size, workers, imgsz, amp, topk):
+def _run_model(weights, data_split, gt, device, batch_size, workers, imgsz, amp, topk):
     from ddetr_cli import distributed
     from ddetr_cli.data import CocoLoader
 
     ctx = distributed.setup(device)
     try:
         detector = load_detector(weights, ctx.device, amp)
+        check_classes(detector.config, gt, weights, data_split.annotation_file)
         val_size, max_size = image_sizes(inference_size(weights, imgsz))
         debug(f"inference size {val_size} (max {max_size}), device {ctx.device}")
         loader = CocoLoader(
@@ -106,8 +157,8 @@ def _run_model(weights, data_split, device, batch_size, workers, imgsz, amp, top
             world_size=ctx.world_size,
             val_size=val_size,
             max_size=max_size,
+            on_bad_image="skip",
         )
-        detections = dataset_detections(detector, loader, ctx, topk=topk)
-        return detections, ctx.is_main
+        return dataset_detections(detector, loader, ctx, topk=topk), ctx.is_main
     finally:
         distributed.cleanup()

@@ -21,6 +21,7 @@ changes slightly with the padding a batch adds (border convolutions, valid ratio
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from ddetr_cli.console import UserError, progress
@@ -156,11 +157,22 @@ def coco_detections(result: dict, image_id, category_ids: list[int], score_thr: 
     return out
 
 
-def dataset_detections(detector, loader, ctx, topk: int = 100, description: str = "eval", bar=None) -> list:
-    """Run `detector` over a val CocoLoader on every rank -> every image's COCO detections, on every rank.
+@dataclass
+class DatasetDetections:
+    detections: list[dict]  # COCO results entries of every image seen
+    image_ids: list[int]  # the images seen (evaluate these only)
+    skipped: list[tuple[str, str]]  # (file, reason) of the images the loader could not read
 
-    Images a rank saw twice (shards are padded to equal length) are counted once. `bar`: a live
-    Rich progress to add a task to (only one live display can exist), else one is made.
+
+def dataset_detections(
+    detector, loader, ctx, topk: int = 100, description: str = "eval", bar=None
+) -> DatasetDetections:
+    """Run `detector` over a val CocoLoader on every rank -> every image's COCO detections, the ids
+    of the images seen and the unreadable ones, on every rank.
+
+    Images a rank saw twice (shards are padded to equal length) are counted once; images the loader
+    could not read are not among those seen. `bar`: a live Rich progress to add a task to (only one
+    live display can exist), else one is made.
     """
     import torch
 
@@ -183,4 +195,12 @@ def dataset_detections(detector, loader, ctx, topk: int = 100, description: str 
         if image_id not in seen:
             seen.add(image_id)
             detections.extend(dets)
-    return detections
+    skipped = sorted(set(gather_lists(list(loader.skipped), ctx)))
+    return DatasetDetections(detections, sorted(seen), skipped)
+
+
+def skipped_summary(skipped: list[tuple[str, str]], what: str, first: int = 3) -> str:
+    """[(file, reason)] -> 'N unreadable <what> skipped: a.jpg (reason), b.jpg (reason), ... and K more'."""
+    shown = ", ".join(f"{path} ({reason})" for path, reason in skipped[:first])
+    more = f" and {len(skipped) - first} more" if len(skipped) > first else ""
+    return f"{len(skipped)} unreadable {what} skipped: {shown}{more}"

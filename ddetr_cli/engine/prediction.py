@@ -21,8 +21,9 @@ from ddetr_cli.engine.inference import (
     image_sizes,
     inference_size,
     load_detector,
+    skipped_summary,
 )
-from ddetr_cli.runs import write_json
+from ddetr_cli.runs import check_writable, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jpe"}
 GLOB_CHARS = set("*?[")
@@ -140,6 +141,10 @@ def predict(
         raise UserError("give at least one image file, folder or glob")
     if not 0.0 <= score_thr <= 1.0:
         raise UserError(f"--score-thr must be in [0, 1], got {score_thr}")
+    if out is not None:
+        check_writable(out, "--out")
+    if save_vis is not None:
+        check_writable(Path(save_vis) / "probe.jpg", "--save-vis")
     images, skipped = expand_sources([str(s) for s in sources])
     for path, reason in skipped:
         warn(f"skipped {path}: {reason}")
@@ -188,8 +193,8 @@ def predict(
                     _save_visualisation(path, rel, dets, vis_dir)
                 n_done += 1
             bar.advance(task, len(infos))
-    for path, reason in getattr(loader, "skipped", []):
-        warn(f"skipped {path}: {reason}")
+    if loader.skipped:
+        warn(skipped_summary(loader.skipped, "images"))
     if n_done == 0:
         raise UserError("none of the images could be read")
     if out is not None:

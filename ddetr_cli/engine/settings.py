@@ -56,6 +56,8 @@ MODEL_OPTIONS = (
 )
 # Settings a resumed run may change; everything else comes from the checkpoint.
 RESUME_OVERRIDABLE = ("epochs", "eval_interval", "log_interval", "workers")
+# train() arguments that are no settings of the run: where it runs, where runs live, how they are named.
+RESUME_ALSO_FREE = ("device", "resume", "project", "name", "exist_ok")
 
 
 def scaled_sizes(imgsz: int) -> dict:

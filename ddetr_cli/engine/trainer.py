@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ddetr_cli.console import UserError, console, info, progress, warn
+from ddetr_cli.distributed import any_rank
 from ddetr_cli.engine.settings import (
+    RESUME_ALSO_FREE,
     RESUME_AUTO,
     RESUME_OVERRIDABLE,
     TRAIN_DEFAULTS,
@@ -56,17 +58,30 @@ class TrainResult:
 
 def load_training_checkpoint(path: Path) -> dict:
     """A ddetr training checkpoint (weights_only), or a UserError saying why it cannot resume."""
-    import torch
+    from ddetr_cli.model.checkpoint import CheckpointError, read_file
 
     if not path.is_file():
         raise UserError(f"--resume: no such checkpoint: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"--resume: {path} is not a readable checkpoint ({str(e).splitlines()[0]})") from e
+        ckpt = read_file(path)
+    except CheckpointError as e:
+        raise UserError(f"--resume: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ddetr" or "optimizer" not in ckpt:
         raise UserError(f"--resume: {path} is not a ddetr training checkpoint (use --weights to fine-tune)")
     return ckpt
+
+
+def refuse_changes_on_resume(options: dict) -> None:
+    """--resume continues a run with its saved settings: any other setting given is a user error
+    (it would otherwise be ignored without a word); only RESUME_OVERRIDABLE ones and the device apply."""
+    free = {*RESUME_OVERRIDABLE, *RESUME_ALSO_FREE}
+    given = [k for k, v in options.items() if v is not None and k not in free]
+    if given:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in (*RESUME_OVERRIDABLE, "device"))
+        raise UserError(
+            f"--{given[0].replace('_', '-')} cannot change when resuming (the run keeps its saved settings; "
+            f"a resumed run may change only {allowed}); start a new run or fine-tune with --weights"
+        )
 
 
 class _StopRequest:
@@ -102,7 +117,7 @@ class _StopRequest:
 
 
 def train(
-    data: str = "synthetic",
+    data: str | None = None,
     *,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -165,7 +180,8 @@ class _Trainer:
         opts = self.options
         if opts["resume"] is None:
             model_over, settings = resolve_settings(opts)
-            return model_over, settings, None, opts["data"]
+            return model_over, settings, None, opts["data"] or "synthetic"
+        refuse_changes_on_resume(opts)
         path = opts["resume"]
         if str(path) == RESUME_AUTO:
             from ddetr_cli.runs import latest_checkpoint
@@ -533,19 +549,23 @@ class _Trainer:
 
     def _end_epoch(self, bar) -> None:
         s, ctx = self.s, self.ctx
+        if any_rank(self.epoch_count == 0, ctx):
+            self._no_usable_images()
         lr = self.optimizer.param_groups[0]["lr"]
         row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": lr}
-        n = max(self.epoch_count, 1)
-        row.update({f"train/{k}": v / n for k, v in sorted(self.epoch_sums.items(), key=_loss_order)})
+        for name, total in sorted(self.epoch_sums.items(), key=_loss_order):
+            row[f"train/{name}"] = total / self.epoch_count
         self.scheduler.step()
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums, self.epoch_count = {}, 0
+        self._report_skipped()
+        if ctx.is_main:
+            self.history.append(row)
+            self._save_last()  # before evaluating (as the official code): a failed evaluation loses no epoch
 
-        improved = False
-        if self.val_loader is not None and (
-            self.epoch % s["eval_interval"] == 0 or self.epoch == s["epochs"]
-        ):
+        due = self.epoch % s["eval_interval"] == 0 or self.epoch == s["epochs"]
+        if self.val_loader is not None and due:
             metrics = self._evaluate(bar)
             if ctx.is_main:
                 row.update({f"val/{k}": v for k, v in metrics.items() if k != "per_class"})
@@ -557,40 +577,45 @@ class _Trainer:
                     f"epoch {self.epoch}: loss {row['train/loss']:.4f}, AP {metrics['AP']:.4f}, "
                     f"AP50 {metrics['AP50']:.4f}" + (" (best)" if improved else "")
                 )
+                self._save_last(best=improved)  # again, with the metrics and the best AP
         elif ctx.is_main:
             info(f"epoch {self.epoch}: loss {row['train/loss']:.4f}")
         if ctx.is_main:
-            self.history.append(row)
-            self._save_last(best=improved)
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
             from ddetr_cli.plots import plot_results
 
             plot_results(self.history, self.run_dir / "results.png")
-        self._report_skipped()
+
+    def _no_usable_images(self) -> None:
+        """An epoch in which the loader could read no image: stop with the cause, not a missing loss."""
+        from ddetr_cli.engine.inference import skipped_summary
+
+        skipped = self.train_loader.skipped
+        cause = skipped_summary(skipped, "training images") if skipped else "no batch was produced"
+        raise UserError(f"epoch {self.epoch + 1}: no training image could be read ({cause})")
 
     def _report_skipped(self) -> None:
-        """Warn once about each unreadable training image the loader left out."""
-        if not self.ctx.is_main:
-            return
-        reported = getattr(self, "_skipped_reported", set())
-        for path, reason in self.train_loader.skipped:
-            if path not in reported:
-                warn(f"skipped unreadable training image {path}: {reason}")
-                reported.add(path)
-        self._skipped_reported = reported
+        """One warning per epoch for the unreadable training images the loader newly left out."""
+        from ddetr_cli.engine.inference import skipped_summary
+
+        skipped = self.train_loader.skipped
+        new = skipped[getattr(self, "_skipped_reported", 0) :]
+        self._skipped_reported = len(skipped)
+        if new and self.ctx.is_main:
+            warn(f"epoch {self.epoch}: {skipped_summary(new, 'training images')}")
 
     def _evaluate(self, bar) -> dict:
         from ddetr_cli import coco_eval
+        from ddetr_cli.engine.evaluation import score_run
         from ddetr_cli.engine.inference import TorchDetector, dataset_detections
 
         detector = TorchDetector(self.model, self.ctx.device, self.s["amp"])
-        detections = dataset_detections(detector, self.val_loader, self.ctx, description="  val", bar=bar)
+        run = dataset_detections(detector, self.val_loader, self.ctx, description="  val", bar=bar)
         if not self.ctx.is_main:
             return {}
         if not hasattr(self, "_gt"):
             self._gt = coco_eval.load_ground_truth(self.val_annotation)
-        detections = coco_eval.check_detections(detections, self._gt, "model")
-        return coco_eval.evaluate_detections(self._gt, detections)
+        return score_run(self._gt, run, self.val_annotation)[1]
 
     def _summary(self) -> None:
         from rich.table import Table

@@ -168,7 +168,7 @@ def read_checkpoint(
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file")
-    payload = _read_file(path)
+    payload = read_file(path)
     return _interpret(path, payload, config_overrides or {})
 
 
@@ -233,7 +233,7 @@ def infer_config(
 # reading files
 
 
-def _read_file(path: Path) -> Any:
+def read_file(path: Path) -> Any:
     """The object stored in a torch (zip or legacy) or safetensors file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -310,7 +310,7 @@ def _read_hf_directory(path: Path) -> tuple[dict[str, Any], StateDict]:
 
     state: StateDict = {}
     for weights_file in _hf_weight_files(path):
-        part = _read_file(weights_file)
+        part = read_file(weights_file)
         if not _is_state_dict(part):
             raise CheckpointError(f"{weights_file}: does not hold a state dict of tensors")
         state.update(part)
@@ -450,5 +450,6 @@ def _first(items: list[str], n: int = 3) -> str:
 
 
 def _one_line(err: Exception, limit: int = 400) -> str:
-    text = " ".join(str(err).split())
+    """The first sentence of an exception's message, on one line (PyTorch appends paragraphs of advice)."""
+    text = " ".join(str(err).split()).split(". ")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
