@@ -208,8 +208,6 @@ class _Trainer:
         ctx = self.ctx
         model_over, s, ckpt, data = self._settings()
         self.s, self.data = s, data
-        if s["amp"] == "fp16" and ctx.device.type != "cuda":
-            raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
         train_split = resolve_split(data, "train")
         val_split = resolve_split(data, "val") if has_split(data, "val") else None
         if val_split is None:
@@ -238,7 +236,8 @@ class _Trainer:
         groups = param_groups(model, s["lr"], s["lr_backbone"], s["lr_linear_proj_mult"])
         self.optimizer = torch.optim.AdamW(groups, lr=s["lr"], weight_decay=s["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, s["lr_drop"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=s["amp"] == "fp16")
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=s["amp"] == "fp16")
 
         self.epoch, self.iteration, self.batch_in_epoch = 0, 0, 0
         self.epoch_sums: dict[str, float] = {}
