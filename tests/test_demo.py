@@ -76,3 +76,14 @@ def test_demo_rejects_bad_epochs(tmp_path):
 
     with pytest.raises(UserError, match="--epochs"):
         run_demo(tmp_path / "bad", epochs=0, show=False)
+
+
+def test_fast_demo_draws_at_the_best_f1_threshold(fast_demo):
+    from ddetr_cli.engine.thresholds import best_f1_threshold
+
+    result = fast_demo
+    ground_truth = json.loads((result.data / "annotations" / "instances_val.json").read_text())
+    expected = best_f1_threshold(ground_truth, json.loads((result.out / "detections.json").read_text()))
+    assert result.picture_threshold == expected and 0 < expected.f1 <= 1
+    drawn = json.loads((result.out / "predictions.json").read_text())
+    assert drawn and min(d["score"] for d in drawn) >= expected.threshold

@@ -18,6 +18,7 @@ Python API:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from rich.markup import escape
 from ddetr_cli.console import UserError, console, info
 from ddetr_cli.engine.evaluation import evaluate
 from ddetr_cli.engine.prediction import predict
+from ddetr_cli.engine.thresholds import F1Threshold, best_f1_threshold
 from ddetr_cli.engine.trainer import train
 from ddetr_cli.synth import make_synthetic_coco
 
@@ -47,6 +49,7 @@ class DemoResult:
     vis_dir: Path
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    picture_threshold: F1Threshold | None = None  # the score the pictures are drawn at (best val F1)
 
 
 def run_demo(
@@ -158,6 +161,14 @@ def _run_demo(out: Path, data_spec: dict, epochs: int, seed, device, workers, sh
         show=False,
     )
     seconds["eval"] = time.perf_counter() - t0
+    val_annotations = data / "annotations" / "instances_val.json"
+    picture = best_f1_threshold(
+        json.loads(val_annotations.read_text()), json.loads((out / "detections.json").read_text())
+    )
+    info(
+        f"Pictures drawn at score >= {picture.threshold:.2f}, the val split's best F1 ({picture.f1:.3f}: "
+        f"precision {picture.precision:.3f}, recall {picture.recall:.3f})"
+    )
 
     info(f"[bold]4/4[/bold] Drawing detections on {NUM_VIS} val images")
     t0 = time.perf_counter()
@@ -167,9 +178,9 @@ def _run_demo(out: Path, data_spec: dict, epochs: int, seed, device, workers, sh
         [str(p) for p in val_images],
         weights=weights,
         out=out / "predictions.json",
-        ann=data / "annotations" / "instances_val.json",
+        ann=val_annotations,
         save_vis=vis_dir,
-        score_thr=0.4,
+        score_thr=picture.threshold,
         device=device,
         workers=2 if workers is None else workers,
     )
@@ -186,6 +197,7 @@ def _run_demo(out: Path, data_spec: dict, epochs: int, seed, device, workers, sh
         vis_dir=vis_dir,
         history=list(trained.history),
         seconds=seconds,
+        picture_threshold=picture,
     )
     if show:
         _report(result)
@@ -201,7 +213,10 @@ def _report(result: DemoResult) -> None:
     console.print(coco_eval.metrics_table(result.metrics, title=f"Demo: COCO bbox AP on {n_val} val images"))
     console.print(coco_eval.per_class_table(result.metrics["per_class"]))
     table = Table(title="Demo outputs", show_header=False)
-    table.add_row("pictures", escape(str(result.vis_dir)))
+    pictures = escape(str(result.vis_dir))
+    if result.picture_threshold is not None:
+        pictures += f" (score >= {result.picture_threshold.threshold:.2f}, best val F1)"
+    table.add_row("pictures", pictures)
     table.add_row("run directory", escape(str(result.run_dir)))
     table.add_row("weights", escape(str(result.weights)))
     table.add_row("metrics", escape(str(result.metrics_file)))
