@@ -1,4 +1,4 @@
-"""The `ddetr` command line: train, eval, predict, bench, demo, data synth, build-ops.
+"""The `ddetr` command line: train, eval, predict, bench, demo, data synth|check, build-ops.
 
 Each command lives in its own module under `ddetr_cli/commands/` as a plain Python function (the
 Python API, which `ddetr demo` reuses) plus a thin Typer command. This module wires them into one
@@ -26,6 +26,7 @@ from ddetr_cli.commands import bench as bench_cmd
 from ddetr_cli.commands import bench_loader as bench_loader_cmd
 from ddetr_cli.commands import bench_op as bench_op_cmd
 from ddetr_cli.commands import build_ops as build_ops_cmd
+from ddetr_cli.commands import data_check as data_check_cmd
 from ddetr_cli.commands import demo as demo_cmd
 from ddetr_cli.commands import evaluate as eval_cmd
 from ddetr_cli.commands import predict as predict_cmd
@@ -176,7 +177,7 @@ bench_app.callback(invoke_without_command=True)(bench_cmd.command)
 app.add_typer(bench_app, name="bench")
 
 data_app = typer.Typer(
-    help="Datasets: generate the synthetic one.",
+    help="Datasets: check one as training would read it, or generate the synthetic one.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -191,6 +192,7 @@ def _register(group: typer.Typer, name: str, function, examples: list[str]) -> N
 _register(app, "demo", demo_cmd.demo, demo_cmd.EXAMPLES)
 _register(app, "build-ops", build_ops_cmd.build_ops, build_ops_cmd.EXAMPLES)
 _register(data_app, "synth", synth_cmd.synth, synth_cmd.EXAMPLES)
+_register(data_app, "check", data_check_cmd.data_check, data_check_cmd.EXAMPLES)
 _register(bench_app, "op", bench_op_cmd.bench_op, bench_op_cmd.EXAMPLES)
 _register(bench_app, "loader", bench_loader_cmd.bench_loader, bench_loader_cmd.EXAMPLES)
 
