@@ -27,6 +27,8 @@ Cleaning (what converted datasets often lack, filled the way pycocotools users e
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 from pathlib import Path
@@ -43,12 +45,26 @@ def read_json(path: Path, what: str):
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with gc_paused(), open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from e
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pauses the cyclic garbage collector: building millions of containers that are not garbage
+    (a parsed JSON file, COCOeval's per-detection dicts) would make it rescan them again and
+    again (about half of `json.load`'s time on a 500,000-detection results file)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def validate_ground_truth(path: str | Path) -> dict:
