@@ -1,60 +1,69 @@
-"""COCO box evaluation: pycocotools' COCOeval, quiet, with validated inputs.
+"""COCO box evaluation with a choice of evaluator, quiet, with validated inputs.
 
-The 12 numbers are exactly `COCOeval.stats` (AP at IoU .50:.95, .50, .75, small/medium/large, then
-AR at 1/10/100 detections and small/medium/large), in [0, 1], -1 where COCO has nothing to score.
-Per-class AP is the mean of the precision array over IoU thresholds and recall points for one
-category (area "all", 100 detections), as detectron2 reports it.
+Backends (`BACKENDS`): "faster" (default) is faster-coco-eval's COCOeval_faster, whose matching and
+accumulation run in C++ and give pycocotools' numbers (a test holds them equal to 1e-9);
+"pycocotools" is the reference `COCOeval`, kept as the oracle. faster-coco-eval copies pycocotools'
+API: its `COCO` has the same index (dataset, imgs, anns, cats, getImgIds, loadRes) and
+`COCOeval_faster` the same params, evaluate/accumulate/summarize and `eval["precision"]`
+[T, R, K, A, M]; with the default `separate_eval=False` evaluate() matches and accumulates in one
+C++ call. Its summarize() gives 14 stats, pycocotools' 12 then AR at IoU .50 and .75.
+
+The 12 numbers are exactly `COCOeval.stats[:12]` (AP at IoU .50:.95, .50, .75, small/medium/large,
+then AR at 1/10/100 detections and small/medium/large), in [0, 1], -1 where COCO has nothing to
+score. Per-class AP is the mean of the precision array over IoU thresholds and recall points for
+one category (area "all", 100 detections), as detectron2 reports it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import json
 import math
 from pathlib import Path
 
+from ddetr_cli.annotations import gc_paused, read_json, validate_ground_truth
 from ddetr_cli.console import UserError, warn
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("faster", "pycocotools")
+DEFAULT_BACKEND = "faster"
 
 
-def read_json(path: Path, what: str):
-    """The parsed JSON of `path`, or a UserError naming the file (`what`: "annotation file", ...)
-    and the problem."""
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from e
+def _api(backend: str):
+    """(COCO class, COCOeval factory) of `backend`."""
+    if backend == "faster":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        def make_eval(gt, dt):
+            return COCOeval_faster(gt, dt, iouType="bbox", print_function=_silent)
+
+        return COCO, make_eval
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, lambda gt, dt: COCOeval(gt, dt, iouType="bbox")
+    raise UserError(f"unknown evaluation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def load_ground_truth(annotation_file: str | Path):
-    """A pycocotools `COCO` object for `annotation_file`, or a UserError naming what is wrong."""
-    from pycocotools.coco import COCO
+def _silent(*args, **kwargs) -> None:
+    pass
 
-    path = Path(annotation_file)
-    dataset = read_json(path, "annotation file")
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise UserError(f"{path}: not a COCO annotation file (no 'images' list)")
-    for key in ("annotations", "categories"):
-        if not isinstance(dataset.get(key, []), list):
-            raise UserError(f"{path}: '{key}' must be a list")
-    dataset.setdefault("annotations", [])
-    dataset.setdefault("categories", [])
-    coco = COCO()
+
+def index_ground_truth(dataset: dict, backend: str = DEFAULT_BACKEND):
+    """A `COCO` object of `backend`'s library over an already validated COCO dict."""
+    coco_class, _ = _api(backend)
+    coco = coco_class()
     coco.dataset = dataset
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: malformed COCO annotations (missing or bad field {e})") from e
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     return coco
+
+
+def load_ground_truth(annotation_file: str | Path, backend: str = DEFAULT_BACKEND):
+    """A `COCO` object (of `backend`'s library) for `annotation_file`, validated and cleaned by
+    `annotations.validate_ground_truth`, or a UserError naming the file and the bad entry."""
+    return index_ground_truth(validate_ground_truth(annotation_file), backend)
 
 
 def load_detections(path: str | Path) -> list:
@@ -115,29 +124,28 @@ def per_class_ap(coco_eval) -> dict:
     for k, cat_id in enumerate(coco_eval.params.catIds):
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
-        result[cat_id] = float(p.mean()) if p.size else -1.0
+        result[int(cat_id)] = float(p.mean()) if p.size else -1.0
     return result
 
 
-def evaluate_detections(gt, detections: list, image_ids: list[int] | None = None) -> dict:
-    """Run COCOeval (bbox) -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
+def evaluate_detections(
+    gt, detections: list, backend: str = DEFAULT_BACKEND, image_ids: list[int] | None = None
+) -> dict:
+    """COCO bbox evaluation -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
 
-    `detections` must already have passed `check_detections`. `image_ids`: evaluate only these
-    images (those a model actually saw), default all of the ground truth's.
+    `gt` comes from `load_ground_truth` (with any backend: it is re-indexed when the library
+    differs); `detections` must already have passed `check_detections` and are not modified.
+    `image_ids`: evaluate only these images (those a model actually saw), default all of them.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        if detections:
-            dt = gt.loadRes(copy.deepcopy(detections))
+    coco_class, make_eval = _api(backend)
+    if not isinstance(gt, coco_class):
+        gt = index_ground_truth(gt.dataset, backend)
+    with gc_paused(), contextlib.redirect_stdout(io.StringIO()):
+        if backend == "pycocotools" and detections:
+            dt = gt.loadRes([dict(d) for d in detections])  # the oracle, run the documented way
         else:
-            # loadRes cannot take an empty list; an empty result set scores 0 where there is ground truth.
-            dt = COCO()
-            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
-            dt.dataset["annotations"] = []
-            dt.createIndex()
-        coco_eval = COCOeval(gt, dt, iouType="bbox")
+            dt = _index_results(gt, coco_class, detections)
+        coco_eval = make_eval(gt, dt)
         if image_ids is not None:
             coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
@@ -146,6 +154,30 @@ def evaluate_detections(gt, detections: list, image_ids: list[int] | None = None
     metrics = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
     metrics["per_class"] = class_name_keys(gt, per_class_ap(coco_eval))
     return metrics
+
+
+def _index_results(gt, coco_class, detections: list):
+    """The result `COCO` that `gt.loadRes(detections)` makes for boxes (ids 1..N, area w * h,
+    iscrowd 0), without the polygon per box that bbox evaluation never reads; it also takes an
+    empty list, which pycocotools' loadRes cannot (an empty result scores 0 where there is ground
+    truth)."""
+    annotations = [
+        {
+            "id": i,
+            "image_id": d["image_id"],
+            "category_id": d["category_id"],
+            "bbox": d["bbox"],
+            "score": d["score"],
+            "area": d["bbox"][2] * d["bbox"][3],
+            "iscrowd": 0,
+        }
+        for i, d in enumerate(detections, 1)
+    ]
+    dt = coco_class()
+    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
+    dt.dataset["annotations"] = annotations
+    dt.createIndex()
+    return dt
 
 
 def class_name_keys(gt, by_category_id: dict) -> dict:

@@ -2,8 +2,13 @@
 //!
 //! Only what detection training needs is kept: image ids, file names, boxes, categories and
 //! `iscrowd`. Everything else real files contain (`info`, `licenses`, polygon or RLE
-//! `segmentation`, `area`, extra fields) is skipped by the parser without being materialised,
-//! which is what makes parsing fast and lean next to `json.load`.
+//! `segmentation`, extra fields) is skipped by the parser without being materialised, which is
+//! what makes parsing fast and lean next to `json.load`.
+//!
+//! A file gets the same verdict here as in the Python validator `ddetr_cli/annotations.py`
+//! (used by evaluation): `area` and `iscrowd` may be missing, annotation ids may be missing;
+//! ids must be unique, boxes 4 numbers with width and height >= 0, `area` a number >= 0, and
+//! every annotation must name a listed image and category.
 use std::collections::HashMap;
 use std::path::{Component, Path};
 
@@ -34,6 +39,9 @@ struct RawAnnotation {
     bbox: [f64; 4],
     #[serde(default, deserialize_with = "crowd_flag")]
     iscrowd: bool,
+    /// Only checked (a number >= 0 when present, as the evaluator needs it); not kept.
+    #[serde(default, deserialize_with = "present_number")]
+    area: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -46,7 +54,7 @@ struct RawCategory {
 /// `iscrowd` is 0/1 in COCO; some tools write booleans.
 fn crowd_flag<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    #[serde(untagged, expecting = "iscrowd must be 0, 1 or a boolean")]
     enum Flag {
         Int(i64),
         Bool(bool),
@@ -55,6 +63,11 @@ fn crowd_flag<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::E
         Flag::Int(v) => v != 0,
         Flag::Bool(v) => v,
     })
+}
+
+/// A field that may be missing but not `null`: `Option<f64>` alone would take `null` as missing.
+fn present_number<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
+    f64::deserialize(d).map(Some)
 }
 
 /// One object: `bbox` is COCO `[x, y, w, h]` in pixels of the original image.
@@ -183,28 +196,42 @@ fn build_index(raw: RawCoco, name: &str) -> Result<CocoIndex> {
     // Counting sort of annotations by image position keeps each image's file order.
     let mut owner = Vec::with_capacity(raw.annotations.len());
     let mut counts = vec![0usize; images.len() + 1];
+    let mut ann_ids: HashMap<i64, usize> = HashMap::with_capacity(raw.annotations.len());
     for (k, ann) in raw.annotations.iter().enumerate() {
-        let label = ann.id.map_or_else(|| format!("#{k}"), |id| id.to_string());
+        let fail = |problem: String| {
+            let place = ann.id.map_or_else(
+                || format!("annotations[{k}]"),
+                |id| format!("annotations[{k}] (id {id})"),
+            );
+            Err(annotation_error(name, format!("{place}: {problem}")))
+        };
+        if let Some(id) = ann.id {
+            if let Some(first) = ann_ids.insert(id, k) {
+                return fail(format!(
+                    "duplicate annotation id {id} (also annotations[{first}])"
+                ));
+            }
+        }
         let Some(&pos) = position.get(&ann.image_id) else {
-            return Err(annotation_error(
-                name,
-                format!(
-                    "annotation {label} refers to image_id {} which is not in \"images\"",
-                    ann.image_id
-                ),
-            ));
+            return fail(format!("image_id {} is not in 'images'", ann.image_id));
         };
         if categories
             .binary_search_by_key(&ann.category_id, |c| c.id)
             .is_err()
         {
-            return Err(annotation_error(
-                name,
-                format!(
-                    "annotation {label} has category_id {} which is not in \"categories\"",
-                    ann.category_id
-                ),
+            return fail(format!(
+                "category_id {} is not in 'categories'",
+                ann.category_id
             ));
+        }
+        if ann.bbox[2] < 0.0 || ann.bbox[3] < 0.0 {
+            return fail(format!(
+                "bbox has a negative width or height: {:?}",
+                ann.bbox
+            ));
+        }
+        if ann.area.is_some_and(|a| a < 0.0) {
+            return fail(format!("area must be a number >= 0, got {:?}", ann.area));
         }
         owner.push(pos);
         counts[pos + 1] += 1;
@@ -270,6 +297,11 @@ impl std::str::FromStr for LabelMapping {
     }
 }
 
+/// The largest class count a `Raw` mapping may create (LVIS has 1203 categories): the model gets
+/// one output per id up to the largest, so a stray huge id would otherwise ask for a table of
+/// billions of classes.
+pub const MAX_RAW_CLASSES: i64 = 100_000;
+
 /// Class index <-> category id tables for one mapping.
 #[derive(Debug, Clone)]
 pub struct Labels {
@@ -290,6 +322,17 @@ impl Labels {
                         name,
                         format!(
                             "category id {} is negative; use label_mapping='compact'",
+                            c.id
+                        ),
+                    ));
+                }
+                if let Some(c) = categories.iter().find(|c| c.id >= MAX_RAW_CLASSES) {
+                    return Err(annotation_error(
+                        name,
+                        format!(
+                            "category id {} is too large for label_mapping='raw' (one class per \
+                             id up to the largest; ids must be < {MAX_RAW_CLASSES}); use \
+                             label_mapping='compact'",
                             c.id
                         ),
                     ));
@@ -415,5 +458,103 @@ mod tests {
             .to_string()
             .contains("category_id 3"));
         assert!(is_safe_relative_path("dir/./a.jpg"));
+    }
+
+    fn with_annotation(ann: &str) -> String {
+        format!(
+            r#"{{"images": [{{"id": 1, "file_name": "a.jpg"}}], "categories": [{{"id": 1}}],
+                "annotations": [{{"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}},
+                                {ann}]}}"#
+        )
+    }
+
+    #[test]
+    fn missing_area_iscrowd_and_id_are_accepted() {
+        let json = with_annotation(r#"{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}"#);
+        let idx = parse_coco(json.as_bytes(), "a.json").unwrap();
+        assert_eq!(idx.annotations.len(), 2);
+        assert!(!idx.annotations[1].iscrowd);
+    }
+
+    #[test]
+    fn rejects_what_the_python_validator_rejects() {
+        let cases = [
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}"#,
+                "length 3",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": null}"#,
+                "null",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, "3", 4]}"#,
+                "string",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, -3, 4]}"#,
+                "negative",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "area": null}"#,
+                "null",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "area": -1}"#,
+                "area",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": null}"#,
+                "iscrowd",
+            ),
+            (
+                r#"{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}"#,
+                "duplicate annotation id 7",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1, "bbox": [1, 2, 3, 4]}"#,
+                "category_id",
+            ),
+            (
+                r#"{"id": 8, "image_id": 1.0, "category_id": 1, "bbox": [1, 2, 3, 4]}"#,
+                "floating",
+            ),
+        ];
+        for (ann, expected) in cases {
+            let err = parse_coco(with_annotation(ann).as_bytes(), "v.json").unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("v.json: "), "{msg}");
+            assert!(msg.contains(expected), "{ann}: {msg}");
+        }
+        let err = parse_coco(
+            with_annotation(r#"{"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 2, -3, 4]}"#)
+                .as_bytes(),
+            "v.json",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("annotations[1] (id 8): bbox"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn raw_mapping_refuses_huge_category_ids_without_allocating() {
+        for id in [4_000_000_000_i64, i64::MAX, MAX_RAW_CLASSES] {
+            let categories = [Category {
+                id,
+                name: "x".into(),
+            }];
+            let err = Labels::new(&categories, LabelMapping::Raw, "h.json").unwrap_err();
+            assert!(err.to_string().contains("too large"), "{err}");
+            let compact = Labels::new(&categories, LabelMapping::Compact, "h.json").unwrap();
+            assert_eq!(compact.class_of(id), 0);
+        }
+        let largest = [Category {
+            id: MAX_RAW_CLASSES - 1,
+            name: "x".into(),
+        }];
+        let raw = Labels::new(&largest, LabelMapping::Raw, "h.json").unwrap();
+        assert_eq!(raw.num_classes(), MAX_RAW_CLASSES as usize);
     }
 }
