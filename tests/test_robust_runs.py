@@ -6,6 +6,7 @@ command and asserts the exact outcome: a one-line error naming the cause, or a c
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -148,3 +149,33 @@ def test_training_skips_some_unreadable_images_with_one_summary(synthetic_coco, 
     warnings = [line for line in result.stderr.splitlines() if "unreadable training images" in line]
     assert len(warnings) == 1 and "2 unreadable training images skipped" in warnings[0]
     assert broken[0].name in warnings[0]
+
+
+def test_training_on_ground_truth_without_area_or_iscrowd(synthetic_coco, tmp_path):
+    """Converted datasets often lack area/iscrowd: training and its evaluation fill them, no KeyError."""
+    root = _copy(synthetic_coco, tmp_path)
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}.json"
+        dataset = json.loads(path.read_text())
+        for ann in dataset["annotations"]:
+            ann.pop("area", None)
+            ann.pop("iscrowd", None)
+        path.write_text(json.dumps(dataset))
+    result = ddetr(*train_args(root, tmp_path / "runs", "run", epochs=1))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "runs" / "run" / "metrics.csv").read_text().splitlines()
+    assert "val/AP" in rows[0] and len(rows) == 2
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_skipped_images_are_left_out_with_either_backend(synthetic_coco, backend):
+    ann = synthetic_coco / "annotations" / "instances_val.json"
+    gt = coco_eval.load_ground_truth(ann, backend)
+    seen = sorted(gt.getImgIds())[:3]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt.dataset["annotations"]
+        if a["image_id"] in seen
+    ]
+    _, metrics = score_run(gt, DatasetDetections(perfect, seen, [("x.jpg", "bad")]), ann, backend)
+    assert metrics["AP"] == pytest.approx(1.0)

@@ -19,7 +19,8 @@ from ddetr_cli.engine.evaluation import evaluate
 
 HELP = (
     "Evaluate a model, or an existing COCO results file, on a COCO-format split: the 12 COCO "
-    "numbers (pycocotools COCOeval), per-class AP, metrics.json and optionally the detections."
+    "numbers (COCOeval: faster-coco-eval, or --backend pycocotools), per-class AP, metrics.json and "
+    "optionally the detections."
 )
 EXAMPLES = [
     "ddetr eval --weights runs/train/exp/weights/best.pt --data data/coco --split val --out metrics.json",
@@ -52,6 +53,9 @@ def command(
     imgsz: Optional[int] = INFERENCE_IMGSZ_OPTION,
     amp: Amp = AMP_OPTION,
     topk: int = typer.Option(100, "--topk", min=1, help="Detections kept per image (COCO scores 100)."),
+    backend: str = typer.Option(
+        "faster", "--backend", help="COCO evaluator: faster (faster-coco-eval) or pycocotools; same numbers."
+    ),
 ) -> None:
     evaluate(
         weights=weights,
@@ -66,4 +70,5 @@ def command(
         imgsz=imgsz,
         amp=amp.value,
         topk=topk,
+        backend=backend,
     )

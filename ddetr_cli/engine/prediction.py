@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from ddetr_cli.coco_eval import read_json
+from ddetr_cli.annotations import validate_ground_truth
 from ddetr_cli.console import UserError, debug, info, progress, warn
 from ddetr_cli.engine.inference import (
     class_to_category,
@@ -72,14 +72,10 @@ def _add_path(path: Path, found: list, skipped: list, explicit: bool) -> None:
 
 def annotation_index(ann: str | Path) -> tuple[dict, dict]:
     """--ann -> ({file name or base name: image_id}, {category id: name})."""
-    dataset = read_json(Path(ann), "--ann: annotation file")
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise UserError(f"{ann}: not a COCO annotation file (no 'images' list)")
+    dataset = validate_ground_truth(ann)
     by_name: dict = {}
     base_counts: dict = {}
     for image in dataset["images"]:
-        if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
-            raise UserError(f"{ann}: every image needs 'id' and 'file_name'")
         by_name[str(image["file_name"])] = image["id"]
         base = Path(str(image["file_name"])).name
         base_counts[base] = base_counts.get(base, 0) + 1
@@ -87,7 +83,7 @@ def annotation_index(ann: str | Path) -> tuple[dict, dict]:
         base = Path(str(image["file_name"])).name
         if base_counts[base] == 1:
             by_name.setdefault(base, image["id"])
-    names = {c["id"]: str(c.get("name", c["id"])) for c in dataset.get("categories", []) if "id" in c}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in dataset["categories"]}
     return by_name, names
 
 

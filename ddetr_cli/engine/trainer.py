@@ -228,6 +228,10 @@ class _Trainer:
             )
         self.val_loader = self._loader(val_split, train=False) if val_split is not None else None
         self.val_annotation = val_split.annotation_file if val_split is not None else None
+        if self.val_annotation is not None and ctx.is_main:  # validated up front, not after an epoch
+            from ddetr_cli import coco_eval
+
+            self._gt = coco_eval.load_ground_truth(self.val_annotation)
         model = self._model(model_over, ckpt, train_split)
         self.model = model
         from ddetr_cli.model import build_criterion, param_groups
@@ -604,7 +608,6 @@ class _Trainer:
             warn(f"epoch {self.epoch}: {skipped_summary(new, 'training images')}")
 
     def _evaluate(self, bar) -> dict:
-        from ddetr_cli import coco_eval
         from ddetr_cli.engine.evaluation import score_run
         from ddetr_cli.engine.inference import TorchDetector, dataset_detections
 
@@ -612,8 +615,6 @@ class _Trainer:
         run = dataset_detections(detector, self.val_loader, self.ctx, description="  val", bar=bar)
         if not self.ctx.is_main:
             return {}
-        if not hasattr(self, "_gt"):
-            self._gt = coco_eval.load_ground_truth(self.val_annotation)
         return score_run(self._gt, run, self.val_annotation)[1]
 
     def _summary(self) -> None:
