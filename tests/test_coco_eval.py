@@ -76,3 +76,13 @@ def test_default_backend_and_unknown_backend(realistic):
     assert coco_eval.BACKENDS[0] == coco_eval.DEFAULT_BACKEND == "faster"
     with pytest.raises(UserError, match="unknown evaluation backend 'fast'.*faster, pycocotools"):
         coco_eval.evaluate_detections(coco_eval.index_ground_truth(realistic[0]), [], backend="fast")
+
+
+def test_a_ground_truth_index_can_be_reused(realistic):
+    """Training evaluates every epoch against one cached index: evaluations must not leave state."""
+    gt, detections = realistic
+    index = coco_eval.index_ground_truth(gt)
+    first = coco_eval.evaluate_detections(index, detections[:3000])
+    other = coco_eval.evaluate_detections(index, detections[3000:9000])
+    again = coco_eval.evaluate_detections(index, detections[:3000])
+    assert again == first and other != first
