@@ -115,6 +115,13 @@ Checked<U> vector_cast(const Checked<T>& p) {
   return Checked<U>(reinterpret_cast<U*>(p.addr()), p.begin(), p.end(), p.name());
 }
 
+// What the kernels run on this OS thread did, since the last reset: lets the tests see which
+// branch an architecture took (sm_90's vector atomics) rather than assume it.
+struct Counters {
+  int64_t shuffles = 0, atomics = 0, atomics_float2 = 0, atomics_float4 = 0;
+};
+inline thread_local Counters counters;
+
 // The collective a lane is waiting at: the scheduler completes it when the lanes it names arrive.
 struct Collective {
   enum Kind { kShuffleXor, kSyncThreads } kind;
@@ -148,6 +155,7 @@ Checked<T> checked(T* data, int64_t n, const char* name) {
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = msda_emu::kWarpSize) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move 4- or 8-byte values");
+  ++msda_emu::counters.shuffles;
   msda_emu::Collective c{msda_emu::Collective::kShuffleXor, mask, lane_mask, width, sizeof(T), {}, {}};
   std::memcpy(c.value, &var, sizeof(T));
   msda_emu::wait_at(c);
@@ -163,22 +171,26 @@ inline void __syncthreads() {
 
 // One fiber runs at a time and only collectives switch fibers: a read-modify-write is atomic.
 inline float atomicAdd(msda_emu::Checked<float> p, float v) {
+  ++msda_emu::counters.atomics;
   const float old = *p;
   *p = old + v;
   return old;
 }
 inline double atomicAdd(msda_emu::Checked<double> p, double v) {
+  ++msda_emu::counters.atomics;
   const double old = *p;
   *p = old + v;
   return old;
 }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // the vector forms exist from sm_90 on: elsewhere, a compile error
 inline float2 atomicAdd(msda_emu::Checked<float2> p, float2 v) {
+  ++msda_emu::counters.atomics_float2;
   const float2 old = *p;
   *p = make_float2(old.x + v.x, old.y + v.y);
   return old;
 }
 inline float4 atomicAdd(msda_emu::Checked<float4> p, float4 v) {
+  ++msda_emu::counters.atomics_float4;
   const float4 old = *p;
   *p = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
   return old;

@@ -2,14 +2,17 @@
 // CPU through the CUDA emulation, for the tests (tests/test_cuda_emulation.py). Not a backend of the
 // `ddetr` ops: nothing dispatches here; callers pick the emulated architecture (800 or 900).
 //
-// It also holds three tiny kernels that pin down the emulation's own semantics (shuffle widths,
-// __syncthreads, a lane missing from a shuffle), so that its lockstep is tested, not assumed.
+// It also holds two tiny kernels that pin down the emulation's own semantics (shuffle widths, a lane
+// missing from a shuffle, __syncthreads), so that its lockstep is tested, not assumed, and the
+// counters of what the kernels did (which atomics an architecture used).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "emulated_ops.h"
 
@@ -85,6 +88,18 @@ at::Tensor block_reverse(const at::Tensor& in, int64_t block) {
   return out;
 }
 
+// [shuffles, scalar atomics, float2 atomics, float4 atomics] since the last call, then reset.
+at::Tensor take_counters() {
+  const msda_emu::Counters c = std::exchange(msda_emu::counters, {});
+  auto out = at::empty({4}, at::kLong);
+  int64_t* p = out.mutable_data_ptr<int64_t>();
+  p[0] = c.shuffles;
+  p[1] = c.atomics;
+  p[2] = c.atomics_float2;
+  p[3] = c.atomics_float4;
+  return out;
+}
+
 }  // namespace
 }  // namespace ddetr_msda::emulation
 
@@ -101,4 +116,5 @@ TORCH_LIBRARY(ddetr_emulation, m) {
   m.def("shuffle_xor(Tensor values, int lane_mask, int width, int block, int exit_lane=-1) -> Tensor",
         &ddetr_msda::emulation::shuffle_xor);
   m.def("block_reverse(Tensor values, int block) -> Tensor", &ddetr_msda::emulation::block_reverse);
+  m.def("take_counters() -> Tensor", &ddetr_msda::emulation::take_counters);
 }
