@@ -28,6 +28,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,14 +130,31 @@ def build_dir(variant: str) -> Path:
 
 
 def cuda_unavailable_reason() -> str | None:
-    """Why the CUDA kernels cannot be built here, or None if they can."""
-    from torch.utils import cpp_extension
+    """Why the CUDA kernels cannot be built here (one line naming the command that fixes it), or None
+    if they can: then torch.utils.cpp_extension is pointed at the compiler found."""
+    from ddetr_cli import cuda_toolkit
 
-    if torch.version.cuda is None:
-        return "this torch build has no CUDA support"
-    if cpp_extension.CUDA_HOME is None:
-        return "no CUDA compiler found (install the CUDA toolkit or set CUDA_HOME)"
+    compiler = cuda_toolkit.find_compiler() if torch.version.cuda is not None else None
+    if compiler is None:
+        return cuda_toolkit.missing_reason()
+    try:
+        cuda_toolkit.activate(compiler)
+    except cuda_toolkit.ToolkitError as exc:
+        return str(exc)
     return None
+
+
+def prepare_cuda_compiler(install: bool, say: Callable[[str], None]) -> str | None:
+    """Like cuda_unavailable_reason, but with `install` a missing compiler is first pip-installed
+    (matching torch's CUDA; `say` tells what is installed). Only `ddetr build-ops --cuda` installs."""
+    from ddetr_cli import cuda_toolkit
+
+    if install and torch.version.cuda is not None and cuda_toolkit.find_compiler() is None:
+        try:
+            cuda_toolkit.install_compiler(say)
+        except cuda_toolkit.ToolkitError as exc:
+            return str(exc)
+    return cuda_unavailable_reason()
 
 
 def build(variant: str, verbose: bool = False) -> Path:
