@@ -111,14 +111,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m = bqm % g.heads;
   const int64_t b = bqm / (g.heads * g.queries);
   const int64_t row = g.heads * g.channels;  // stride between two pixels of value
-  const auto value_bm = value + (b * g.spatial * row + m * g.channels);
+  const auto value_bm = value + b * g.spatial * row + m * g.channels;
 
   // Usually one iteration (D <= 32 * VEC); wider heads loop over further channel vectors.
   for (int vec = lane; vec < g.vectors; vec += g.group) {
     acc_t acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
-    const auto value_vec = value_bm + static_cast<int64_t>(vec) * VEC;
+    const auto value_vec = value_bm + vec * VEC;
     for (int l = 0; l < g.levels; ++l) {
       const int64_t height = spatial_shapes[2 * l], width = spatial_shapes[2 * l + 1];
       const auto value_level = value_vec + level_start_index[l] * row;
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     Pack<scalar_t, VEC> res;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) res.v[j] = static_cast<scalar_t>(acc[j]);
-    store_pack<scalar_t, VEC>(out + (bqm * g.channels + static_cast<int64_t>(vec) * VEC), res);
+    store_pack<scalar_t, VEC>(out + bqm * g.channels + vec * VEC, res);
   }
 }
 
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool has_channels = active && vec < g.vectors;
     acc_t top[VEC];  // this thread's channels of grad_output
     if (has_channels) {
-      const auto pg = load_pack<scalar_t, VEC>(grad_out + (bqm * g.channels + static_cast<int64_t>(vec) * VEC));
+      const auto pg = load_pack<scalar_t, VEC>(grad_out + bqm * g.channels + vec * VEC);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) top[j] = static_cast<acc_t>(pg.v[j]);
     } else {

@@ -10,6 +10,8 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <exception>
 #include <vector>
 
@@ -30,7 +32,7 @@ struct Lane {
 // instead of corrupting its neighbour). Untouched pages cost nothing.
 class Stacks {
  public:
-  explicit Stacks(size_t count) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))), count_(count) {
+  explicit Stacks(size_t count) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
     bytes_ = count * (kStackBytes + page_);
     void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw Fault("emulation: cannot map the fibers' stacks");
@@ -43,7 +45,7 @@ class Stacks {
   char* stack(size_t i) const { return base_ + i * (kStackBytes + page_) + page_; }
 
  private:
-  size_t page_, count_, bytes_;
+  size_t page_, bytes_;
   char* base_;
 };
 
