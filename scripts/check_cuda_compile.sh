@@ -43,6 +43,7 @@ registrations = torch._C._dispatch_dump("ddetr::ms_deform_attn_backward")
 if "\nCUDA: registered at" not in registrations:
     print(f"check_cuda_compile: FAILED: no CUDA kernel registered:\n{registrations}", file=sys.stderr)
     sys.exit(1)
-print(f"check_cuda_compile: ms_deform_attn_cuda.cu built for {os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA kernels registered")
+archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+print(f"check_cuda_compile: ms_deform_attn_cuda.cu built for {archs}, CUDA kernels registered")
 PY
 echo "check_cuda_compile: done in $((SECONDS - start)) s (compiler install, CPU and CUDA builds)"

@@ -71,7 +71,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   const auto attn = attention_weights.contiguous();
   auto out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_emulated", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_emu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = pick_vector_width<scalar_t>(s, {v.const_data_ptr(), out.const_data_ptr()}, force_vector);
     const Geometry g = make_geometry(s, vec);
