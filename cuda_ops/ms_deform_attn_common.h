@@ -1,9 +1,12 @@
-// Host-side pieces shared by the CPU (.cpp) and CUDA (.cu) translation units: shape/dtype checks
-// and the operator schema. Only light ATen headers are included, to keep the JIT build short.
+// Host-side pieces shared by the CPU (.cpp), CUDA (.cu) and emulated (emulation/) translation units:
+// shape/dtype checks and the levels' fit in `value`. Only light ATen headers are included, to keep
+// the JIT build short.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <vector>
 
 namespace ddetr_msda {
 
@@ -51,6 +54,31 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
                 ", got one on ", t->device());
   }
   return s;
+}
+
+// The per-level geometry, read once per call from the small int64 tensors.
+struct Level {
+  int64_t height, width, start;
+};
+
+// The levels of spatial_shapes [L, 2] / level_start_index [L], refused unless each lies inside
+// value's S pixels: the kernels (CPU, CUDA and emulated alike) index `value` with them unchecked.
+// CUDA tensors are copied to the host (L * 3 integers).
+inline std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                      int64_t spatial) {
+  const auto shapes = spatial_shapes.cpu().contiguous();
+  const auto starts = level_start_index.cpu().contiguous();
+  const int64_t* sp = shapes.const_data_ptr<int64_t>();
+  const int64_t* st = starts.const_data_ptr<int64_t>();
+  std::vector<Level> levels(shapes.size(0));
+  for (size_t l = 0; l < levels.size(); ++l) {
+    levels[l] = {sp[2 * l], sp[2 * l + 1], st[l]};
+    TORCH_CHECK(levels[l].height > 0 && levels[l].width > 0 && levels[l].start >= 0 &&
+                    levels[l].start + levels[l].height * levels[l].width <= spatial,
+                "ms_deform_attn: level ", l, " (", levels[l].height, "x", levels[l].width, " at ", levels[l].start,
+                ") does not fit in value's S = ", spatial);
+  }
+  return levels;
 }
 
 // The backward's incoming gradient: [B, Q, M*D] (any strides) of value's dtype and device.

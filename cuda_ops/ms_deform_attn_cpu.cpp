@@ -26,29 +26,6 @@
 namespace ddetr_msda {
 namespace {
 
-// The per-level geometry, read once per call from the small int64 tensors.
-struct Level {
-  int64_t height, width, start;
-};
-
-std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                               int64_t spatial) {
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const int64_t* sp = shapes.data_ptr<int64_t>();
-  const int64_t* st = starts.data_ptr<int64_t>();
-  std::vector<Level> levels(shapes.size(0));
-  for (size_t l = 0; l < levels.size(); ++l) {
-    levels[l] = {sp[2 * l], sp[2 * l + 1], st[l]};
-    // A wrong shape would make the kernels read outside `value`: refuse it here, cheaply.
-    TORCH_CHECK(levels[l].height > 0 && levels[l].width > 0 && levels[l].start >= 0 &&
-                    levels[l].start + levels[l].height * levels[l].width <= spatial,
-                "ms_deform_attn: level ", l, " (", levels[l].height, "x", levels[l].width, " at ", levels[l].start,
-                ") does not fit in value's S = ", spatial);
-  }
-  return levels;
-}
-
 // out[c] += sum_i w[i] * row_i[c] over the D channels of one head, for the four corners at once
 // (corners outside the map point at a zero row with weight 0, so the loop has no branches).
 template <typename scalar_t, typename acc_t>

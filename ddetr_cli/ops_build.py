@@ -6,11 +6,14 @@ sources and flags, so later runs load them in well under a second:
 
     $DDETR_CACHE_DIR (default $XDG_CACHE_HOME/ddetr or ~/.cache/ddetr) / ops / <torch>-<variant>-<hash>/
 
-Two libraries, loaded into the process with `torch.ops.load_library`:
+Three libraries, loaded into the process with `torch.ops.load_library`:
 - "cpu": `cuda_ops/ms_deform_attn_cpu.cpp`; defines the `ddetr::ms_deform_attn_forward/backward`
   operators and their CPU kernels. Needs only a C++ compiler.
 - "cuda": `cuda_ops/ms_deform_attn_cuda.cu`; adds CUDA kernels to those operators. Needs nvcc and
   a CUDA build of torch, and the "cpu" library (which owns the operator schemas).
+- "emulation": `cuda_ops/emulation/`; the CUDA kernels (`ms_deform_attn_kernels.cuh`) compiled by
+  the host C++ compiler and run on the CPU with CUDA's thread semantics, as the separate
+  `ddetr_emulation::forward/backward` operators (never a backend of `ddetr::`). For the tests.
 
 A failed build never raises from `load`: it logs one warning on the "ddetr" logger and the caller
 falls back to the PyTorch reference. `build` raises `BuildError` with the compiler's message.
@@ -25,6 +28,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,15 +38,33 @@ from ddetr_cli.benchmarking import cpuinfo
 
 log = logging.getLogger("ddetr")
 
-VARIANTS = ("cpu", "cuda")
-_SOURCES = {"cpu": ["ms_deform_attn_cpu.cpp"], "cuda": ["ms_deform_attn_cuda.cu"]}
+VARIANTS = ("cpu", "cuda", "emulation")
+_EMULATION = [
+    "emulation/ms_deform_attn_emulation.cpp",
+    "emulation/arch_sm80.cpp",
+    "emulation/arch_sm90.cpp",
+    "emulation/cuda_emulation.cpp",
+]
+_SOURCES = {"cpu": ["ms_deform_attn_cpu.cpp"], "cuda": ["ms_deform_attn_cuda.cu"], "emulation": _EMULATION}
 _HEADERS = ["ms_deform_attn_math.h", "ms_deform_attn_common.h"]
+_KERNEL_HEADERS = {  # beyond _HEADERS
+    "cpu": [],
+    "cuda": ["ms_deform_attn_kernels.cuh"],
+    "emulation": [
+        "ms_deform_attn_kernels.cuh",
+        "emulation/cuda_emulation.h",
+        "emulation/emulated_launchers.h",
+        "emulation/emulated_ops.h",
+    ],
+}
 # -O3 lets the compiler vectorise the channel loops; on x86-64, -march=native lets it use AVX2/AVX-512
 # (~1.5x on the forward). The CPU's feature flags are part of the build's fingerprint, so a cache
 # shared by different machines (a home directory on NFS) keeps one build per kind of CPU.
 _NATIVE = platform.machine().lower() in ("x86_64", "amd64")
 _CFLAGS = ["-O3", "-march=native"] if _NATIVE else ["-O3"]
 _CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# The emulation is checked, not timed: -O1 keeps its compile short.
+_EMULATION_CFLAGS = ["-O1"]
 
 # variant -> None while untried, True when loaded, else the one-line reason it is unavailable.
 _state: dict[str, object] = {}
@@ -70,14 +92,22 @@ def _fingerprint(variant: str) -> str:
     """Hash of everything that changes the built library: sources, flags, torch/CUDA/Python versions."""
     h = hashlib.sha256()
     src = sources_dir()
-    for name in _HEADERS + _SOURCES[variant]:
+    for name in _headers(variant) + _SOURCES[variant]:
         h.update(name.encode())
         h.update((src / name).read_bytes())
     versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())
-    h.update(repr((_CFLAGS, versions, _cpu_flags() if _NATIVE else "")).encode())
+    h.update(repr((_cflags(variant), versions, _cpu_flags() if _NATIVE else "")).encode())
     if variant == "cuda":  # the GPU architectures compiled for are part of the CUDA build
         h.update(repr((_CUDA_CFLAGS, os.environ.get("TORCH_CUDA_ARCH_LIST", ""), _visible_archs())).encode())
     return h.hexdigest()[:16]
+
+
+def _headers(variant: str) -> list[str]:
+    return _HEADERS + _KERNEL_HEADERS[variant]
+
+
+def _cflags(variant: str) -> list[str]:
+    return _EMULATION_CFLAGS if variant == "emulation" else _CFLAGS
 
 
 def _cpu_flags() -> str:
@@ -100,14 +130,31 @@ def build_dir(variant: str) -> Path:
 
 
 def cuda_unavailable_reason() -> str | None:
-    """Why the CUDA kernels cannot be built here, or None if they can."""
-    from torch.utils import cpp_extension
+    """Why the CUDA kernels cannot be built here (one line naming the command that fixes it), or None
+    if they can: then torch.utils.cpp_extension is pointed at the compiler found."""
+    from ddetr_cli import cuda_toolkit
 
-    if torch.version.cuda is None:
-        return "this torch build has no CUDA support"
-    if cpp_extension.CUDA_HOME is None:
-        return "no CUDA compiler found (install the CUDA toolkit or set CUDA_HOME)"
+    compiler = cuda_toolkit.find_compiler() if torch.version.cuda is not None else None
+    if compiler is None:
+        return cuda_toolkit.missing_reason()
+    try:
+        cuda_toolkit.activate(compiler)
+    except cuda_toolkit.ToolkitError as exc:
+        return str(exc)
     return None
+
+
+def prepare_cuda_compiler(install: bool, say: Callable[[str], None]) -> str | None:
+    """Like cuda_unavailable_reason, but with `install` a missing compiler is first pip-installed
+    (matching torch's CUDA; `say` tells what is installed). Only `ddetr build-ops --cuda` installs."""
+    from ddetr_cli import cuda_toolkit
+
+    if install and torch.version.cuda is not None and cuda_toolkit.find_compiler() is None:
+        try:
+            cuda_toolkit.install_compiler(say)
+        except cuda_toolkit.ToolkitError as exc:
+            return str(exc)
+    return cuda_unavailable_reason()
 
 
 def build(variant: str, verbose: bool = False) -> Path:
@@ -125,7 +172,7 @@ def build(variant: str, verbose: bool = False) -> Path:
             raise BuildError(f"CUDA kernels unavailable: {reason}")
         build("cpu", verbose)  # owns the operator schemas the CUDA kernels register into
     src = sources_dir()
-    missing = [n for n in _HEADERS + _SOURCES[variant] if not (src / n).is_file()]
+    missing = [n for n in _headers(variant) + _SOURCES[variant] if not (src / n).is_file()]
     if missing:
         raise BuildError(f"kernel sources missing in {src}: {', '.join(missing)}")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -142,7 +189,7 @@ def build(variant: str, verbose: bool = False) -> Path:
         cpp_extension.load(
             name=f"ddetr_msda_{variant}",
             sources=[str(src / n) for n in _SOURCES[variant]],
-            extra_cflags=_CFLAGS,
+            extra_cflags=_cflags(variant),
             extra_cuda_cflags=_CUDA_CFLAGS,
             extra_include_paths=[str(src)],
             build_directory=str(out),

@@ -1,47 +1,49 @@
 #!/usr/bin/env bash
-# Check the CUDA kernels build without a GPU: the real JIT build (ddetr_cli.ops_build, i.e.
-# torch.utils.cpp_extension with nvcc) of cuda_ops/ms_deform_attn_cuda.cu for sm_80 and sm_90,
-# linked and loaded into torch, and its CUDA kernels registered to the ddetr operators.
-# Any compiler or link error fails. The GPU-side behaviour is tested by scripts/gpu_check.sh.
+# Check the CUDA kernels build without a GPU, the way a user with a PyPI torch gets them: the
+# compiler found or pip-installed by ddetr_cli.cuda_toolkit, then `ddetr build-ops --cuda` (the JIT
+# build through ddetr_cli.ops_build, i.e. torch.utils.cpp_extension with nvcc) of
+# cuda_ops/ms_deform_attn_cuda.cu for sm_80 and sm_90, then the library loaded into torch and its
+# CUDA kernels checked to be registered to the ddetr operators. Any compiler or link error fails.
+# What the kernels compute is tested on the CPU by tests/test_cuda_emulation.py, and on a GPU by
+# scripts/gpu_check.sh.
 #
 # usage: scripts/check_cuda_compile.sh [--install]
-#   --install  pip-install the CUDA compiler matching torch's CUDA version into the active
-#              environment first (what CI does); otherwise nvcc is looked up (see find_cuda.sh).
+#   --install  let the compiler matching torch's CUDA version be pip-installed into the active
+#              environment when none is found (what CI does); otherwise a missing compiler exits 2.
 # environment: PY (python, default python3), TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
 # exit status: 0 built and registered, 1 build failed, 2 no CUDA compiler / no CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY="${PY:-python3}"
-# shellcheck source=scripts/find_cuda.sh
-source scripts/find_cuda.sh
-find_cuda "${1:-}" || exit 2
-"${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" --version | tail -n 2
-
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 cache="$(mktemp -d)"
 trap 'rm -rf "$cache"' EXIT
 export DDETR_CACHE_DIR="$cache"
-export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "${1:-}" != "--install" ]]; then
+    "$PY" -m ddetr_cli.cuda_toolkit || exit 2  # found, or exit: only --install may install
+fi
+start=$SECONDS
+# The user's command: finds (or installs) nvcc, builds the CPU and the CUDA kernel.
+"$PY" -m ddetr_cli.cli -v build-ops --cuda || exit 1
+
 "$PY" - <<'PY'
 import os
 import sys
-import time
 
 import torch
 
-from ddetr_cli import ops_build
+from ddetr_cli import cuda_toolkit, ops_build
 
-start = time.perf_counter()
-try:
-    ops_build.build("cuda", verbose=True)
-except ops_build.BuildError as exc:
-    print(f"check_cuda_compile: FAILED: {exc}", file=sys.stderr)
-    sys.exit(1)
-seconds = time.perf_counter() - start
+compiler = cuda_toolkit.find_compiler()
+print(f"check_cuda_compile: nvcc in {compiler.home} (found in {compiler.found_in})")
+ops_build.build("cuda")  # cached by build-ops above: loads the library
 registrations = torch._C._dispatch_dump("ddetr::ms_deform_attn_backward")
 if "\nCUDA: registered at" not in registrations:
     print(f"check_cuda_compile: FAILED: no CUDA kernel registered:\n{registrations}", file=sys.stderr)
     sys.exit(1)
 archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-print(f"check_cuda_compile: ms_deform_attn_cuda.cu built for {archs} and registered in {seconds:.0f} s (incl. CPU kernel)")
+print(f"check_cuda_compile: ms_deform_attn_cuda.cu built for {archs}, CUDA kernels registered")
 PY
+echo "check_cuda_compile: done in $((SECONDS - start)) s (compiler install, CPU and CUDA builds)"

@@ -21,13 +21,15 @@ from ddetr_cli.console import console, info, is_verbose
 EXAMPLES = [
     "ddetr build-ops",
     "ddetr build-ops --no-cuda --force -v",
+    "ddetr build-ops --cuda                       # installs nvcc from PyPI if none is found",
     "DDETR_CACHE_DIR=/shared/cache ddetr build-ops --cuda",
 ]
 
 
 def build_ops_report(cuda: Optional[bool] = None, force: bool = False, verbose: bool = False) -> dict:
-    """Build the CPU kernel and, when `cuda` is True (None: when this torch has CUDA and nvcc is found),
-    the CUDA kernel. `force` deletes their cached builds first. Never raises for a failed build."""
+    """Build the CPU kernel and, when `cuda` is True (None: when this torch has CUDA, a GPU is visible
+    and nvcc is found), the CUDA kernel; with True a missing compiler is pip-installed first.
+    `force` deletes their cached builds first. Never raises for a failed build."""
     import torch
 
     from ddetr_cli import ops_build
@@ -40,6 +42,8 @@ def build_ops_report(cuda: Optional[bool] = None, force: bool = False, verbose: 
             shutil.rmtree(ops_build.build_dir(variant), ignore_errors=True)
         start = time.perf_counter()
         try:
+            if variant == "cuda" and (reason := ops_build.prepare_cuda_compiler(install=True, say=info)):
+                raise ops_build.BuildError(f"CUDA kernels unavailable: {reason}")
             path = ops_build.build(variant, verbose=verbose)
         except ops_build.BuildError as exc:
             report[variant] = {"ok": False, "seconds": time.perf_counter() - start, "error": str(exc)}
@@ -52,7 +56,8 @@ def build_ops(
     cuda: Optional[bool] = typer.Option(
         None,
         "--cuda/--no-cuda",
-        help="Build the CUDA kernel too. Default: when torch has CUDA, a GPU is visible and nvcc is found.",
+        help="Build the CUDA kernel too, first installing the CUDA compiler from PyPI (matching torch's "
+        "CUDA) if none is found. Default: when torch has CUDA, a GPU is visible and nvcc is found.",
     ),
     force: bool = typer.Option(False, "--force", help="Delete the cached builds and compile from scratch."),
 ) -> None:
