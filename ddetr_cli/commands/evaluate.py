@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, INFERENCE_IMGSZ_OPTION
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, INFERENCE_IMGSZ_OPTION
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.evaluation import evaluate
 
@@ -31,7 +31,7 @@ EXAMPLES = [
 
 def command(
     weights: Optional[Path] = typer.Option(
-        None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth or Hugging Face folder."
+        None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, Hugging Face folder" + HUB_HELP
     ),
     data: str = typer.Option(
         "synthetic", "--data", help="Dataset: COCO-layout ROOT folder, dataset.yaml, or 'synthetic'."
