@@ -109,6 +109,12 @@ def test_train_loads_the_cached_imagenet_backbone(offline, small_coco):
         in output
     )
 
+    # --resume takes the backbone from the checkpoint: no ImageNet file needed.
+    cached.unlink()
+    result = ddetr("train", "--resume", project / "exp" / "weights" / "last.pt", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert torch.load(project / "exp" / "weights" / "last.pt", weights_only=True)["epoch"] == 2
+
 
 def test_offline_without_the_file_is_one_line_and_no_run_directory(offline, small_coco):
     project = offline / "runs"
@@ -136,6 +142,29 @@ def test_failed_download_is_one_line(monkeypatch, tmp_path):
     assert "\n" not in message
     assert "downloading https://download.pytorch.org/models/resnet18-f37072fd.pth failed" in message
     assert not any((tmp_path / "torch" / "hub" / "checkpoints").glob("resnet18*.pth"))
+
+
+def test_backbone_choices(offline):
+    """A local file is recorded as such; `none` and the tiny backbone need nothing; ImageNet for tiny
+    is an error, not a silent no-op."""
+    from ddetr_cli.model.pretrained import PretrainedWeightsError, resolve_backbone_weights
+
+    cached = imagenet_cache_file(offline / "torch")
+    local = offline / "r18.pth"
+    shutil.copyfile(cached, local)
+    record = resolve_backbone_weights("resnet18", str(local))
+    assert record == {
+        "source": "file",
+        "file": str(local),
+        "sha256": hashlib.sha256(local.read_bytes()).hexdigest()[:12],
+    }
+    assert resolve_backbone_weights("resnet18", "imagenet")["file"] == str(cached)
+    assert resolve_backbone_weights("resnet18", "None") is None
+    assert resolve_backbone_weights("tiny", None) is None
+    with pytest.raises(PretrainedWeightsError, match="no ImageNet weights for 'tiny'"):
+        resolve_backbone_weights("tiny", "imagenet")
+    with pytest.raises(PretrainedWeightsError, match="no such file"):
+        resolve_backbone_weights("resnet18", str(offline / "missing.pth"))
 
 
 def test_pretrained_backbone_none_trains_from_scratch_with_a_warning(offline, small_coco):

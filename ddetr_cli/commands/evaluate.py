@@ -24,6 +24,7 @@ HELP = (
 EXAMPLES = [
     "ddetr eval --weights runs/train/exp/weights/best.pt --data data/coco --split val --out metrics.json",
     "ddetr eval --weights r50_deformable_detr.pth --data data/coco --save-detections det.json",
+    "HF_HUB_OFFLINE=1 ddetr eval --weights SenseTime/deformable-detr --data data/coco   # Hub id, cache only",
     "ddetr eval --predictions det.json --data data/coco --split val --out metrics.json",
     "torchrun --nproc_per_node 2 -m ddetr_cli.cli eval --weights best.pt --data data/coco",
 ]

@@ -15,6 +15,6 @@ INFERENCE_IMGSZ_OPTION = typer.Option(
 )
 # --weights (eval, predict, bench, export): what a Hub id means, appended to each command's help.
 HUB_HELP = (
-    ", or a Hugging Face Hub id org/name[@revision], e.g. SenseTime/deformable-detr (cached under "
+    ", or a Hugging Face Hub id org/name or org/name@revision, e.g. SenseTime/deformable-detr (cached under "
     "HF_HOME; HF_HUB_OFFLINE=1: the cache only). A local path always wins."
 )

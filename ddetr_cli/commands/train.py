@@ -78,7 +78,7 @@ def command(
         "--weights",
         "-w",
         help="Fine-tune from a checkpoint: local .pt/.pth/HF folder, or a Hugging Face Hub id "
-        "org/name[@revision] (HF_HOME cache; HF_HUB_OFFLINE=1 = cache only). Classes whose names "
+        "org/name or org/name@revision (HF_HOME cache; HF_HUB_OFFLINE=1 = cache only). Classes whose names "
         "match the checkpoint's keep its class-head rows; the others start fresh.",
     ),
     hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="Transformer width (default: 256)."),
