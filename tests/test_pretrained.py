@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,6 +126,20 @@ def test_offline_without_the_file_is_one_line_and_no_run_directory(offline, smal
     cache = offline / "torch" / "hub" / "checkpoints"
     assert f"resnet18-f37072fd.pth are not in {cache}" in line and "HF_HUB_OFFLINE" in line
     assert "--pretrained-backbone PATH" in line and "--pretrained-backbone none" in line
+    assert not project.exists()
+
+
+def test_offline_without_the_file_under_torchrun(offline, small_coco):
+    """Two processes: the main one looks, both exit with the line (neither waits for the other)."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    project = offline / "runs"
+    args = ["train", "--data", small_coco, "--project", project, "--batch-size", "1", *RESNET_RUN]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ddetr_cli.cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and all("resnet18-f37072fd.pth are not in" in e for e in errors), proc.stderr
     assert not project.exists()
 
 

@@ -12,12 +12,32 @@ from pathlib import Path
 from ddetr_cli.console import UserError, info, warn
 
 
-def backbone_start(model_over: dict) -> tuple[dict, dict | None]:
+def backbone_start(model_over: dict, ctx=None) -> tuple[dict, dict | None]:
     """Model overrides with `pretrained_backbone` made a local file (or None) -> (overrides, record).
 
     `pretrained_backbone` in: None (default: ImageNet for ResNets, nothing for tiny), "imagenet",
     "none" or a path. record: {"source", "file", "sha256"}, or None when the backbone starts random.
+    Under torchrun the main process resolves (downloads) first and the others then find the file
+    cached; a failure is every process's one-line error, so none waits for a peer that quit.
     """
+    from ddetr_cli import distributed
+
+    error = None
+    if ctx is None or ctx.is_main:
+        try:
+            over, record = _backbone_start(model_over)
+        except UserError as err:
+            error = str(err)
+    if ctx is not None and ctx.distributed:
+        error = distributed.broadcast_object(error, ctx)
+    if error is not None:
+        raise UserError(error)
+    if ctx is not None and not ctx.is_main:
+        over, record = _backbone_start(model_over)
+    return over, record
+
+
+def _backbone_start(model_over: dict) -> tuple[dict, dict | None]:
     from ddetr_cli.model import DeformableDetrConfig
     from ddetr_cli.model.pretrained import (
         SCRATCH_WARNING,

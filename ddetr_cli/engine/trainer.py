@@ -334,7 +334,7 @@ class _Trainer:
             )
             self.backbone_weights = {"source": "detector checkpoint", "file": str(self.options["weights"])}
         else:
-            model_over, self.backbone_weights = backbone_start(model_over)
+            model_over, self.backbone_weights = backbone_start(model_over, self.ctx)
             try:
                 config = DeformableDetrConfig(**{**model_over, "num_classes": loader.num_classes, **meta})
             except (TypeError, ValueError) as e:
