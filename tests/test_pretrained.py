@@ -197,6 +197,16 @@ def test_pretrained_backbone_none_trains_from_scratch_with_a_warning(offline, sm
     assert recipe["backbone_weights"] == "random initialisation"
     assert recipe["frozen"] == "backbone: stem and layer1 frozen, FrozenBatchNorm2d"
     assert recipe["lr_groups"]["backbone"]["lr"] == pytest.approx(2e-5)
+    assert recipe["trainable_parameters"] == sum(g["parameters"] for g in recipe["lr_groups"].values())
+    printed = " ".join(result.stdout.split())
+    for line in (
+        "Recipe model plain Deformable DETR, resnet18, 1+1 layers, 10 queries, 5 classes",
+        "backbone resnet18 from random initialisation",
+        "lr groups main 2e-04",
+        "schedule 1 epochs, lr x0.1 after epoch 40, AdamW weight decay 1e-04, grad clip 0.1",
+        "batch 2 per device x 1 device(s) = 2 AMP off",
+    ):
+        assert line in printed, line
 
 
 def test_tiny_backbone_needs_no_imagenet_file(offline, small_coco):
