@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, INFERENCE_IMGSZ_OPTION
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, INFERENCE_IMGSZ_OPTION
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.evaluation import evaluate
 
@@ -25,6 +25,7 @@ HELP = (
 EXAMPLES = [
     "ddetr eval --weights runs/train/exp/weights/best.pt --data data/coco --split val --out metrics.json",
     "ddetr eval --weights r50_deformable_detr.pth --data data/coco --save-detections det.json",
+    "HF_HUB_OFFLINE=1 ddetr eval --weights SenseTime/deformable-detr --data data/coco   # Hub id, cache only",
     "ddetr eval --predictions det.json --data data/coco --split val --out metrics.json",
     "torchrun --nproc_per_node 2 -m ddetr_cli.cli eval --weights best.pt --data data/coco",
 ]
@@ -32,7 +33,7 @@ EXAMPLES = [
 
 def command(
     weights: Optional[Path] = typer.Option(
-        None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth or Hugging Face folder."
+        None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, Hugging Face folder" + HUB_HELP
     ),
     data: str = typer.Option(
         ..., "--data", help="Dataset: COCO-layout ROOT folder, dataset.yaml, or 'synthetic' (generated)."

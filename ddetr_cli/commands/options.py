@@ -13,3 +13,8 @@ AMP_OPTION = typer.Option(Amp.off, "--amp", help="Mixed precision.")
 INFERENCE_IMGSZ_OPTION = typer.Option(
     None, "--imgsz", help="Shorter image side (default: the checkpoint's training size, else 800)."
 )
+# --weights (eval, predict, bench, export): what a Hub id means, appended to each command's help.
+HUB_HELP = (
+    ", or a Hugging Face Hub id org/name or org/name@revision, e.g. SenseTime/deformable-detr (cached under "
+    "HF_HOME; HF_HUB_OFFLINE=1: the cache only). A local path always wins."
+)

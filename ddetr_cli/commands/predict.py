@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, INFERENCE_IMGSZ_OPTION
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, INFERENCE_IMGSZ_OPTION
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.prediction import predict
 
@@ -31,7 +31,7 @@ EXAMPLES = [
 def command(
     sources: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     weights: Path = typer.Option(
-        ..., "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth or HF folder."
+        ..., "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, HF folder" + HUB_HELP
     ),
     out: Path = typer.Option(Path("results.json"), "--out", "-o", help="Results JSON (COCO results format)."),
     ann: Optional[Path] = typer.Option(

@@ -24,7 +24,10 @@ HELP = (
     "'synthetic') with the paper's recipe; works the same under torchrun (DDP)."
 )
 EXAMPLES = [
-    "ddetr train --data data/coco --epochs 50 --batch-size 2 --device cuda",
+    "ddetr train --data data/coco --epochs 50 --batch-size 2 --device cuda   # ImageNet backbone",
+    "ddetr train --data dataset.yaml --weights SenseTime/deformable-detr --epochs 12 --lr-drop 10",
+    "HF_HUB_OFFLINE=1 TORCH_HOME=/shared/torch ddetr train --data data/coco   # caches only",
+    "ddetr train --data data/coco --pretrained-backbone none   # from scratch (not the paper's)",
     "ddetr train --data dataset.yaml --weights r50_deformable_detr.pth --epochs 12 --lr-drop 10",
     "ddetr train --data synthetic --preset tiny --device cpu",
     "ddetr train --resume runs/train/exp/weights/last.pt",
@@ -62,14 +65,21 @@ def command(
     backbone: Optional[str] = typer.Option(
         None, "--backbone", help="resnet50 (default), resnet18/34/101, or tiny."
     ),
-    pretrained_backbone: Optional[Path] = typer.Option(
-        None, "--pretrained-backbone", help="Local torchvision/timm ResNet weights (nothing is downloaded)."
+    pretrained_backbone: Optional[str] = typer.Option(
+        None,
+        "--pretrained-backbone",
+        metavar="imagenet|none|PATH",
+        help="ResNet starting weights: imagenet (default: torchvision's IMAGENET1K_V1 from the "
+        "$TORCH_HOME cache, downloaded once when online), none (from scratch), or a local "
+        "torchvision/timm state dict. Not used with --weights, --resume or the tiny backbone.",
     ),
     weights: Optional[Path] = typer.Option(
         None,
         "--weights",
         "-w",
-        help="Fine-tune from a checkpoint (class heads re-initialised if classes differ).",
+        help="Fine-tune from a checkpoint: local .pt/.pth/HF folder, or a Hugging Face Hub id "
+        "org/name or org/name@revision (HF_HOME cache; HF_HUB_OFFLINE=1 = cache only). Classes whose names "
+        "match the checkpoint's keep its class-head rows; the others start fresh.",
     ),
     hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="Transformer width (default: 256)."),
     nheads: Optional[int] = typer.Option(None, "--nheads", help="Attention heads (default: 8)."),

@@ -57,8 +57,10 @@ def evaluate(
         raise UserError("give exactly one of --weights (evaluate a model) or --predictions (a results file)")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if weights is not None and not Path(weights).exists():
-        raise UserError(f"--weights: no such file or directory: {weights}")
+    if weights is not None:
+        from ddetr_cli.hub import resolve_weights
+
+        weights = resolve_weights(weights)  # before the data is read: a wrong id fails at once
     for path, option in ((out, "--out"), (save_detections, "--save-detections")):
         if path is not None:
             check_writable(path, option)

@@ -56,17 +56,16 @@ def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
 
 
 def load_weights(weights: str | Path, device, num_classes: int | None = None):
-    """load_model with path checks: a missing path is a user error, not a traceback."""
+    """load_model of a local path or a Hugging Face Hub id (`org/name[@revision]`, see ddetr_cli.hub);
+    a missing path is a user error, not a traceback."""
+    from ddetr_cli.hub import resolve_weights
     from ddetr_cli.model import load_model
 
-    path = Path(weights)
-    if not path.exists():
-        raise UserError(f"--weights: no such file or directory: {weights}")
-    return load_model(path, device=device, num_classes=num_classes)
+    return load_model(resolve_weights(weights), device=device, num_classes=num_classes)
 
 
 def load_detector(weights: str | Path, device, amp: str = "off"):
-    """A ddetr .pt, official .pth or HF folder -> TorchDetector; a .onnx file -> OnnxDetector."""
+    """A ddetr .pt, official .pth, HF folder or Hub id -> TorchDetector; a .onnx file -> OnnxDetector."""
     if str(weights).endswith(ONNX_SUFFIX):
         if not Path(weights).is_file():
             raise UserError(f"--weights: no such file: {weights}")

@@ -23,6 +23,7 @@ from ddetr_cli.engine.inference import (
     load_detector,
     skipped_summary,
 )
+from ddetr_cli.model.coco_classes import COCO_CATEGORY_NAMES
 from ddetr_cli.runs import check_writable, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jpe"}
@@ -85,23 +86,6 @@ def annotation_index(ann: str | Path) -> tuple[dict, dict]:
             by_name.setdefault(base, image["id"])
     names = {c["id"]: str(c.get("name", c["id"])) for c in dataset["categories"]}
     return by_name, names
-
-
-# COCO 2017 category names by id, for official 91-class checkpoints, which carry no names.
-COCO_CATEGORY_NAMES = dict(
-    enumerate(
-        "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant - "
-        "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe - "
-        "backpack umbrella - - handbag tie suitcase frisbee skis snowboard sports_ball kite "
-        "baseball_bat baseball_glove skateboard surfboard tennis_racket bottle - wine_glass cup fork "
-        "knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair "
-        "couch potted_plant bed - dining_table - - toilet - tv laptop mouse remote keyboard cell_phone "
-        "microwave oven toaster sink refrigerator - book clock vase scissors teddy_bear hair_drier "
-        "toothbrush".split(),
-        start=1,
-    )
-)
-COCO_CATEGORY_NAMES = {k: v.replace("_", " ") for k, v in COCO_CATEGORY_NAMES.items() if v != "-"}
 
 
 def category_names(config, ann_names: dict) -> dict:

@@ -113,7 +113,8 @@ def resolve_settings(options: dict) -> tuple[dict, dict]:
     if options.get("variant") is not None:
         model.update(variant_config(options["variant"]))
     check_settings(settings)
-    if model.get("pretrained_backbone") and not Path(model["pretrained_backbone"]).is_file():
+    keyword = str(model.get("pretrained_backbone", "")).lower() in ("imagenet", "none")
+    if model.get("pretrained_backbone") and not keyword and not Path(model["pretrained_backbone"]).is_file():
         raise UserError(f"--pretrained-backbone: no such file: {model['pretrained_backbone']}")
     return model, settings
 

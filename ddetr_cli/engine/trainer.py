@@ -257,6 +257,9 @@ class _Trainer:
         self.run_dir = run_dir
         self.last = run_dir / "weights" / "last.pt"
         self.best = run_dir / "weights" / "best.pt"
+        from ddetr_cli.engine.recipe import print_recipe, training_recipe
+
+        self.recipe = training_recipe(model, s, self.optimizer, ctx.world_size, self.backbone_weights)
         if ckpt is None and ctx.is_main:
             self._write_args(data, model)
         if self.epoch >= s["epochs"]:
@@ -280,6 +283,8 @@ class _Trainer:
             f"{self.train_loader.num_images} images, {ctx.world_size} process(es) on {ctx.device}; "
             f"run directory {run_dir}"
         )
+        if ctx.is_main:
+            print_recipe(self.recipe)
         interrupted = self._loop()
         if ctx.is_main and not interrupted:
             if not self.best.exists():  # never evaluated: the final weights are the best we know
@@ -316,6 +321,7 @@ class _Trainer:
         )
 
     def _model(self, model_over: dict, ckpt: dict | None, split):
+        from ddetr_cli.engine.starting_weights import backbone_start, finetune_start
         from ddetr_cli.model import DeformableDetrConfig, build_model
 
         loader = self.train_loader
@@ -325,7 +331,9 @@ class _Trainer:
                 f"dataset.yaml names {len(names)} classes, {split.annotation_file} has {loader.num_classes}"
             )
         meta = {"class_names": names, "category_ids": [int(c) for c in loader.category_ids]}
+        self.class_transfer = None
         if ckpt is not None:
+            self.backbone_weights = {"source": "resumed checkpoint", "file": str(self.resume_path)}
             config = DeformableDetrConfig.from_dict({**ckpt["config"], "pretrained_backbone": None})
             if config.num_classes != loader.num_classes:
                 raise UserError(
@@ -335,20 +343,17 @@ class _Trainer:
             model = build_model(config)
             model.load_state_dict(ckpt["model"])
         elif self.options["weights"] is not None:
-            from ddetr_cli.model import load_model
-
             # The checkpoint decides the architecture; only training-time settings carry over.
             overrides = {k: v for k, v in model_over.items() if k == "dropout"}
             ignored = sorted(set(model_over) - set(overrides) - {"pretrained_backbone"})
             if ignored:
                 warn(f"--weights decides the architecture; ignoring {', '.join(ignored)}")
-            if not Path(self.options["weights"]).exists():
-                raise UserError(f"--weights: no such file or directory: {self.options['weights']}")
-            model = load_model(
-                self.options["weights"], "cpu", num_classes=loader.num_classes, config_overrides=overrides
+            model, self.class_transfer = finetune_start(
+                self.options["weights"], names, meta, overrides, self.s["label_mapping"]
             )
-            model.config = model.config.replace(**meta)
+            self.backbone_weights = {"source": "detector checkpoint", "file": str(self.options["weights"])}
         else:
+            model_over, self.backbone_weights = backbone_start(model_over, self.ctx)
             try:
                 config = DeformableDetrConfig(**{**model_over, "num_classes": loader.num_classes, **meta})
             except (TypeError, ValueError) as e:
@@ -382,6 +387,8 @@ class _Trainer:
             "world_size": self.ctx.world_size,
             "train": plain(self.s),
             "model": plain(model.config.to_dict()),
+            "start": {"backbone": self.backbone_weights, "class_transfer": self.class_transfer},
+            "recipe": self.recipe,
         }
         atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(args, sort_keys=False))
 

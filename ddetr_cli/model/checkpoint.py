@@ -88,12 +88,29 @@ def load_model(
     """
     path = Path(path)
     fields, state = read_checkpoint(path, config_overrides)
-    fields.update(config_overrides or {})
+    return model_from_state(path, fields, state, num_classes, config_overrides).to(device).eval()
+
+
+def model_from_state(
+    path: Path,
+    fields: dict[str, Any],
+    state: StateDict,
+    num_classes: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    fresh_class_heads: bool = False,
+) -> DeformableDETR:
+    """The model for what `read_checkpoint` returned (see `load_model`), on the CPU.
+
+    fresh_class_heads: leave the class heads at their initialisation even when the class count is
+    the checkpoint's (the caller fills them; see class_transfer) and warn about nothing.
+    """
+    fields = {**fields, **(config_overrides or {})}
     fields["pretrained_backbone"] = None  # the checkpoint holds the backbone weights
     old_classes = fields.get("num_classes")
-    reinit_classes = num_classes is not None and num_classes != old_classes
+    changed_count = num_classes is not None and num_classes != old_classes
+    reinit_classes = changed_count or fresh_class_heads
     if reinit_classes:
-        fields.update(num_classes=num_classes, class_names=None, category_ids=None)
+        fields.update(num_classes=num_classes or old_classes, class_names=None, category_ids=None)
         state = {k: v for k, v in state.items() if not _CLASS_HEAD.match(k)}
     try:
         config = DeformableDetrConfig.from_dict(fields)
@@ -101,7 +118,7 @@ def load_model(
     except ValueError as err:
         raise CheckpointError(f"{path}: {_one_line(err)}") from None
     _load_weights(model, state, path, skip=_CLASS_HEAD if reinit_classes else None)
-    if reinit_classes:
+    if changed_count and not fresh_class_heads:
         log.warning(
             "%s: checkpoint has %s classes, the model %d: class heads re-initialised "
             "(prior probability 0.01), all other weights loaded; fine-tune before use",
@@ -109,7 +126,7 @@ def load_model(
             old_classes,
             num_classes,
         )
-    return model.to(device).eval()
+    return model
 
 
 def model_checkpoint(model: DeformableDETR) -> dict[str, Any]:

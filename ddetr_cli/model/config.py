@@ -23,7 +23,7 @@ class DeformableDetrConfig:
     # Backbone
     backbone: str = "resnet50"  # resnet18|resnet34|resnet50|resnet101|tiny
     dilation: bool = False  # DC5: dilate C5 instead of striding it
-    pretrained_backbone: str | None = None  # local torchvision/timm ResNet weights; nothing downloads
+    pretrained_backbone: str | None = None  # a local torchvision/timm ResNet file (training finds it)
     train_backbone: bool = True  # official: lr_backbone > 0 (stem and layer1 stay frozen regardless)
     frozen_bn: bool = True  # FrozenBatchNorm2d in the ResNet (official); False = ordinary BatchNorm2d
     num_feature_levels: int = 4  # 1 = single-scale (C5 only)
