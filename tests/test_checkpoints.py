@@ -83,10 +83,32 @@ def assert_matches(model: nn.Module, ref: dict[str, torch.Tensor], images, mask)
             out["enc_outputs"]["pred_logits"],
             out["enc_outputs"]["pred_boxes"],
         )
+        _align_proposal_order(got, ref, model.config.num_queries)
     assert set(got) == set(ref)
     for key in ref:
         assert got[key].shape == ref[key].shape, key
         torch.testing.assert_close(got[key], ref[key], atol=ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _align_proposal_order(got: dict, ref: dict, num_queries: int) -> None:
+    """Two-stage: put our decoder queries in the reference's proposal order.
+
+    Both models take the top-k encoder proposals by score; two proposals whose scores differ by
+    less than float noise (3e-7 seen with random weights) may come out of torch.topk in either
+    order. The decoder is permutation-equivariant over its queries, so such a swap only swaps two
+    output rows. Each side's order is computed from its own encoder scores; the chosen proposal
+    sets must be equal.
+    """
+    ours = torch.topk(got["enc_logits"][..., 0], num_queries, dim=1)[1]
+    theirs = torch.topk(ref["enc_logits"][..., 0], num_queries, dim=1)[1]
+    for b in range(ours.shape[0]):
+        assert set(ours[b].tolist()) == set(theirs[b].tolist()), "different two-stage proposals chosen"
+        position = {int(index): q for q, index in enumerate(ours[b].tolist())}
+        perm = torch.tensor([position[int(index)] for index in theirs[b]])
+        for key in ("pred_logits", "pred_boxes"):
+            got[key][b] = got[key][b, perm]
+        for key in ("layer_logits", "layer_boxes"):
+            got[key][:, b] = got[key][:, b, perm]
 
 
 def official_args(hf: nn.Module) -> argparse.Namespace:
