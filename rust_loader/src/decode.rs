@@ -99,9 +99,9 @@ pub struct ImageHeader {
     pub format: &'static str,
 }
 
-/// Reads the size of a JPEG or PNG held in memory (a prefix holding the headers is enough) and
-/// checks it against the pixel budget. The error is a one-line reason.
-pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<ImageHeader, String> {
+/// Reads the size of a JPEG or PNG held in memory (a prefix holding the headers is enough). The
+/// error is a one-line reason.
+pub fn read_header(bytes: &[u8]) -> Result<ImageHeader, String> {
     let header = match sniff(bytes)? {
         "jpeg" => {
             let mut decoder = JpegDecoder::new_with_options(bytes, options());
@@ -117,7 +117,6 @@ pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<ImageHeader, String>
         }
     };
     let (width, height, format) = header;
-    check_budget(width, height, max_pixels)?;
     Ok(ImageHeader {
         width,
         height,
@@ -148,7 +147,7 @@ fn sniff(bytes: &[u8]) -> Result<&'static str, String> {
 }
 
 /// Refuses empty images and images over `max_pixels` (width x height).
-fn check_budget(width: usize, height: usize, max_pixels: u64) -> Result<(), String> {
+pub fn check_budget(width: usize, height: usize, max_pixels: u64) -> Result<(), String> {
     let pixels = (width as u64).saturating_mul(height as u64);
     if pixels == 0 {
         return Err(format!("empty image ({width}x{height} pixels)"));
@@ -452,7 +451,9 @@ mod tests {
                 err.contains("30000x30000 pixels exceed the budget"),
                 "{name}: {err}"
             );
-            assert_eq!(read_header(&forged, DEFAULT_MAX_PIXELS).err(), Some(err));
+            let header = read_header(&forged).unwrap();
+            assert_eq!((header.width, header.height), (30000, 30000));
+            assert_eq!(check_budget(30000, 30000, DEFAULT_MAX_PIXELS), Err(err));
         }
         // The budget is the caller's: a small one refuses the real 24x16 file too.
         let err = decode_image(&fixture("rgb.jpg"), 24 * 16 - 1).unwrap_err();
@@ -467,19 +468,19 @@ mod tests {
 
     #[test]
     fn headers_give_size_and_format_without_decoding() {
-        let header = read_header(&fixture("rgb.jpg"), DEFAULT_MAX_PIXELS).unwrap();
+        let header = read_header(&fixture("rgb.jpg")).unwrap();
         assert_eq!(
             (header.width, header.height, header.format),
             (24, 16, "jpeg")
         );
-        let header = read_header(&fixture("palette.png"), DEFAULT_MAX_PIXELS).unwrap();
+        let header = read_header(&fixture("palette.png")).unwrap();
         assert_eq!(
             (header.width, header.height, header.format),
             (24, 16, "png")
         );
-        assert!(read_header(b"GIF89a", DEFAULT_MAX_PIXELS).is_err());
+        assert!(read_header(b"GIF89a").is_err());
         let png = fixture("rgb.png");
-        let err = read_header(&png[..20], DEFAULT_MAX_PIXELS).unwrap_err();
+        let err = read_header(&png[..20]).unwrap_err();
         assert!(err.starts_with("PNG: ") && !err.contains('\n'), "{err:?}");
     }
 

@@ -389,6 +389,27 @@ fn decode_file(py: Python<'_>, path: PathBuf, max_pixels: u64) -> PyResult<PyObj
     Ok(image_to_py(py, image).unbind())
 }
 
+/// `(width, height, format, error, file_size)` of every image file, from its header only (no
+/// pixels decoded), in input order; `workers` threads (default: one per CPU), the GIL released.
+#[pyfunction]
+#[pyo3(signature = (paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None))]
+fn scan_images(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    max_pixels: u64,
+    workers: Option<usize>,
+) -> PyResult<Vec<(usize, usize, &'static str, Option<String>, u64)>> {
+    let workers = workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let scanned = py
+        .allow_threads(|| crate::scan::scan_images(&paths, max_pixels, workers))
+        .map_err(to_py_err)?;
+    Ok(scanned
+        .into_iter()
+        .map(|s| (s.width, s.height, s.format, s.error, s.file_size))
+        .collect())
+}
+
 /// Parses a COCO annotation file; returns counts (for benchmarks and validation).
 #[pyfunction]
 fn parse_annotations(py: Python<'_>, path: PathBuf) -> PyResult<PyObject> {
@@ -425,6 +446,7 @@ fn _loader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<BatchBuffer>()?;
     m.add_function(wrap_pyfunction!(decode_file, m)?)?;
     m.add_function(wrap_pyfunction!(parse_annotations, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_images, m)?)?;
     m.add_function(wrap_pyfunction!(_rust_owned_array, m)?)?;
     Ok(())
 }
