@@ -78,8 +78,9 @@ class CocoLoader:
     unreadable images out of their batch and lists them in `.skipped`; "error" raises DataError.
     `workers` threads decode and augment; at most `prefetch` batches (default 2 x workers) are built
     ahead of the consumer, which bounds memory. An image whose header claims more than `max_pixels`
-    (width x height, default 8000 x 8000) is refused before any pixel is allocated, like a corrupt one. Iterate after `set_epoch(epoch)`; `len()` counts
-    batches on this rank (a batch whose every image was skipped is passed over).
+    (width x height, default 8000 x 8000) is refused before any pixel is allocated, like a corrupt
+    one. Iterate after `set_epoch(epoch)`; `len()` counts batches on this rank (a batch whose every
+    image was skipped is passed over).
     """
 
     def __init__(

@@ -492,7 +492,7 @@ mod tests {
     }
 
     fn cut_short_with_an_end_marker_is_an_error(jpeg: &[u8]) {
-        assert_eq!(decode_image(&jpeg, DEFAULT_MAX_PIXELS).unwrap().width, 64);
+        assert_eq!(decode_image(jpeg, DEFAULT_MAX_PIXELS).unwrap().width, 64);
         // Appended bytes after EOI (cameras do this) are still fine.
         let mut trailing = jpeg.to_vec();
         trailing.extend_from_slice(&[0u8; 300]);

@@ -389,6 +389,9 @@ fn decode_file(py: Python<'_>, path: PathBuf, max_pixels: u64) -> PyResult<PyObj
     Ok(image_to_py(py, image).unbind())
 }
 
+/// `(width, height, format, error, file_size)` of one scanned file.
+type ScanRow = (usize, usize, &'static str, Option<String>, u64);
+
 /// `(width, height, format, error, file_size)` of every image file, from its header only (no
 /// pixels decoded), in input order; `workers` threads (default: one per CPU), the GIL released.
 #[pyfunction]
@@ -398,9 +401,9 @@ fn scan_images(
     paths: Vec<PathBuf>,
     max_pixels: u64,
     workers: Option<usize>,
-) -> PyResult<Vec<(usize, usize, &'static str, Option<String>, u64)>> {
-    let workers = workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+) -> PyResult<Vec<ScanRow>> {
+    let workers =
+        workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let scanned = py
         .allow_threads(|| crate::scan::scan_images(&paths, max_pixels, workers))
         .map_err(to_py_err)?;
