@@ -102,7 +102,7 @@ def scan_images(
     format is "jpeg", "png" or "" (unknown); error is None when the loader would read the file,
     else the one-line reason (unreadable, not JPEG/PNG, corrupt header, over `max_pixels`); width
     and height are 0 when the header is unreadable. Runs on `workers` threads (default: one per
-    CPU) with the GIL released; reads about 64 KB per file."""
+    CPU) with the GIL released; reads about 16 KB per file."""
 
 def parse_annotations(path: str) -> dict[str, int]: ...
 def _rust_owned_array(n: int) -> tuple[npt.NDArray[np.float32], int]: ...

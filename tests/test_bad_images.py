@@ -203,3 +203,6 @@ def test_scan_images_reads_headers_only(images):
     assert rows[4].error.startswith("cannot read file") and rows[4].file_size == 0
     assert [r.path for r in rows] == [str(p) for p in (good, forged, cut, text, images / "missing.jpg")]
     assert _loader.scan_images([str(forged)], 30000 * 30000)[0][3] is None
+    # Headers longer than the 16 KB read first: the whole file is read.
+    Image.fromarray(noise(30, 40)).save(images / "commented.jpg", comment=b"c" * 40_000)
+    assert scan_images([images / "commented.jpg"])[0][1:5] == (40, 30, "jpeg", None)

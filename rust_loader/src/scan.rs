@@ -24,11 +24,11 @@ pub struct ScannedImage {
     pub file_size: u64,
 }
 
-/// Headers are normally in the first few KB; files with large metadata are read whole.
-const PREFIX: u64 = 64 * 1024;
+/// Headers are normally in the first few KB; files with larger metadata are read whole.
+const PREFIX: u64 = 16 * 1024;
 
 /// Scans every file in parallel on `workers` threads, in input order. O(1) work per file unless
-/// its headers are longer than 64 KB.
+/// its headers are longer than 16 KB.
 pub fn scan_images<P: AsRef<Path> + Sync>(
     paths: &[P],
     max_pixels: u64,
