@@ -6,6 +6,7 @@ counted skip. The corpus is written by Pillow at test time (`bad_inputs.py`).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,7 @@ def run_capped(code: str, limit_bytes: int) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 @pytest.mark.parametrize("suffix", ["jpg", "png"])
 def test_forged_header_under_a_memory_cap_never_aborts(images, suffix):
     """Under `prlimit --as` a 2.7 GB allocation fails: it must be an error, not an abort. With the

@@ -75,12 +75,24 @@ pub fn try_pixel_buffer(len: usize) -> Result<Vec<u8>, String> {
         buffer.resize(len, 0);
         return Ok(buffer);
     }
-    let mut buffer = Vec::new();
-    buffer
-        .try_reserve_exact(len)
-        .map_err(|_| format!("out of memory for {len} bytes of pixels"))?;
-    buffer.resize(len, 0);
-    Ok(buffer)
+    zeroed(len).ok_or_else(|| format!("out of memory for {len} bytes of pixels"))
+}
+
+/// `vec![0; len]` that returns None when the allocation fails instead of aborting. Like `vec!`
+/// it asks for zeroed memory (calloc): fresh pages are not touched until written.
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `len` u8s (the
+    // layout a Vec<u8> of capacity `len` uses), and all `len` bytes are initialised (zero).
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 /// Default pixel budget (width x height): 8000 x 8000, 192 MB as RGB. Real photos fit; a forged
@@ -374,6 +386,16 @@ mod tests {
             let mad = mean_abs_diff_to_reference(name);
             assert!(mad == 0.0, "{name}: mean abs diff {mad}");
         }
+    }
+
+    #[test]
+    fn fallible_buffers_are_zeroed_or_refused() {
+        assert_eq!(zeroed(5), Some(vec![0; 5]));
+        assert_eq!(zeroed(0), Some(Vec::new()));
+        assert!(zeroed(usize::MAX / 2).is_none());
+        assert!(try_pixel_buffer(usize::MAX / 2)
+            .unwrap_err()
+            .starts_with("out of memory"));
     }
 
     #[test]
