@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from os import PathLike
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -29,9 +29,11 @@ from ddetr_cli import _loader
 
 DataError = _loader.DataError
 DataError.__module__ = __name__  # tracebacks read `ddetr_cli.data.DataError: <file>: <problem>`
+DEFAULT_MAX_PIXELS: int = _loader.DEFAULT_MAX_PIXELS
+"""Default pixel budget of one image (width x height): 8000 x 8000."""
 PathArg = Union[str, "PathLike[str]"]
 
-__all__ = ["CocoLoader", "ImageListLoader", "DataError"]
+__all__ = ["CocoLoader", "ImageListLoader", "DataError", "DEFAULT_MAX_PIXELS", "ScannedImage", "scan_images"]
 
 
 def _size_tensor(hw: tuple[int, int]) -> torch.Tensor:
@@ -75,8 +77,10 @@ class CocoLoader:
     "raw" uses the category ids themselves (official COCO: 91 classes). on_bad_image="skip" leaves
     unreadable images out of their batch and lists them in `.skipped`; "error" raises DataError.
     `workers` threads decode and augment; at most `prefetch` batches (default 2 x workers) are built
-    ahead of the consumer, which bounds memory. Iterate after `set_epoch(epoch)`; `len()` counts
-    batches on this rank (a batch whose every image was skipped is passed over).
+    ahead of the consumer, which bounds memory. An image whose header claims more than `max_pixels`
+    (width x height, default 8000 x 8000) is refused before any pixel is allocated, like a corrupt
+    one. Iterate after `set_epoch(epoch)`; `len()` counts batches on this rank (a batch whose every
+    image was skipped is passed over).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class CocoLoader:
         crop_size: Sequence[int] = (384, 600),
         prefetch: int | None = None,
         crop_prob: float = 0.5,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._core = _loader.CocoLoaderCore(
             str(images_dir),
@@ -121,6 +126,7 @@ class CocoLoader:
             crop_size=(int(crop_size[0]), int(crop_size[1])),
             prefetch=prefetch,
             crop_prob=float(crop_prob),
+            max_pixels=int(max_pixels),
         )
         self.train = bool(train)
         self.epoch = 0
@@ -189,7 +195,8 @@ class ImageListLoader:
     """Batches of image files resized for inference (shorter side `val_size`, longer <= `max_size`).
 
     Yields (images, mask, infos) with infos dicts {"path": str, "orig_size": [2] (h, w),
-    "size": [2] (h, w)}. Unreadable files are skipped and listed in `.skipped` as (file, reason).
+    "size": [2] (h, w)}. Unreadable files, and files over `max_pixels` (width x height), are skipped
+    and listed in `.skipped` as (file, reason).
     """
 
     def __init__(
@@ -200,6 +207,7 @@ class ImageListLoader:
         val_size: int = 800,
         max_size: int = 1333,
         prefetch: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._core = _loader.ImageListCore(
             [str(p) for p in paths],
@@ -208,6 +216,7 @@ class ImageListLoader:
             val_size=int(val_size),
             max_size=int(max_size),
             prefetch=prefetch,
+            max_pixels=int(max_pixels),
         )
 
     def __len__(self) -> int:
@@ -225,3 +234,26 @@ class ImageListLoader:
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return self._core.skipped()
+
+
+class ScannedImage(NamedTuple):
+    """What the header of one image file says (see `scan_images`)."""
+
+    path: str
+    width: int
+    height: int
+    format: str  # "jpeg", "png", or "" when unknown
+    error: str | None  # why the loader would refuse the file; None when it reads it
+    file_size: int  # bytes
+
+
+def scan_images(
+    paths: Sequence[PathArg], max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+) -> list[ScannedImage]:
+    """Reads the header of every file (no pixels decoded; Rust threads, GIL released), in order.
+
+    Finds missing, unreadable, non-JPEG/PNG and oversized files (over `max_pixels`, with their
+    size); data that is corrupt after the header shows only when the image is decoded."""
+    names = [str(p) for p in paths]
+    rows = _loader.scan_images(names, int(max_pixels), workers)
+    return [ScannedImage(name, *row) for name, row in zip(names, rows)]

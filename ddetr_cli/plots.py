@@ -51,6 +51,18 @@ def class_colour(index: int) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
+def read_image_raw(path: str | Path):
+    """The image at `path` as OpenCV BGR HxWx3 uint8 in its stored pixel order, or None when
+    OpenCV cannot read it.
+
+    EXIF orientation is ignored, as the loader (and the official code, and the COCO boxes) do:
+    `cv2.imread` would rotate an EXIF-tagged photo, and boxes predicted on the raw pixels would
+    then land in the wrong place."""
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
 def draw_detections(image_bgr, detections: list[dict]):
     """Boxes with "name score" labels drawn on a copy of `image_bgr` (OpenCV HxWx3 uint8).
 

@@ -386,11 +386,13 @@ def _save_with_orientation(path: Path) -> None:
     Image.fromarray(_pattern()).save(path, quality=90, exif=exif)
 
 
-def test_sixteen_bit_png_keeps_high_byte(tmp_path):
+def test_sixteen_bit_gray_png_is_clipped_like_pillow(tmp_path):
+    # Pillow reads mode I;16 and convert("RGB") clips to 255 (issue 14; tests/test_bad_images.py).
     gray16 = (_pattern()[..., 0].astype(np.uint16) * 257) + 1
     Image.fromarray(gray16).save(tmp_path / "g16.png")
     ours = _loader.decode_file(str(tmp_path / "g16.png"))
-    assert np.array_equal(ours, np.repeat((gray16 >> 8).astype(np.uint8)[..., None], 3, -1))
+    assert np.array_equal(ours, np.repeat(np.minimum(gray16, 255).astype(np.uint8)[..., None], 3, -1))
+    assert np.array_equal(ours, np.asarray(Image.open(tmp_path / "g16.png").convert("RGB")))
 
 
 # -- image lists -------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ fn main() {
         let t = Instant::now();
         let decoded: Vec<_> = bytes
             .iter()
-            .map(|b| decode_image(b).expect("decodable"))
+            .map(|b| decode_image(b, _loader::decode::DEFAULT_MAX_PIXELS).expect("decodable"))
             .collect();
         let t_decode = per_image_ms(t, n);
         let val_sources = decoded.clone();

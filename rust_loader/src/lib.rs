@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod pool;
 pub mod resample;
 pub mod rng;
+pub mod scan;
 pub mod transforms;
 
 pub use error::{LoaderError, Result};

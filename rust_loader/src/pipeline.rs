@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::batch::{collate_into, Batch, BatchPools, Sample};
 use crate::coco::{load_coco, CocoIndex, LabelMapping, Labels};
-use crate::decode::{decode_image, RgbImage};
+use crate::decode::{decode_image, RgbImage, DEFAULT_MAX_PIXELS};
 use crate::error::{LoaderError, Result};
 use crate::rng::KeyedRng;
 use crate::transforms::{
@@ -40,7 +40,8 @@ thread_local! {
     static FILE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn read_and_decode(path: &Path) -> Result<RgbImage> {
+/// Reads and decodes one image file, refusing images over `max_pixels` from their header.
+fn read_and_decode(path: &Path, max_pixels: u64) -> Result<RgbImage> {
     let name = path.display().to_string();
     let mut bytes = FILE_BYTES.take();
     bytes.clear();
@@ -51,7 +52,8 @@ fn read_and_decode(path: &Path) -> Result<RgbImage> {
             source,
         })
         .and_then(|_| {
-            decode_image(&bytes).map_err(|detail| LoaderError::Decode { path: name, detail })
+            decode_image(&bytes, max_pixels)
+                .map_err(|detail| LoaderError::Decode { path: name, detail })
         });
     // A rare giant file does not keep its buffer alive in every worker.
     if bytes.capacity() <= 16 << 20 {
@@ -68,6 +70,8 @@ pub struct CocoSource {
     pub train: bool,
     pub seed: u64,
     pub augment: AugmentConfig,
+    /// Pixel budget per image (width x height), see [`crate::decode::DEFAULT_MAX_PIXELS`].
+    pub max_pixels: u64,
 }
 
 impl CocoSource {
@@ -101,6 +105,7 @@ impl CocoSource {
             train,
             seed,
             augment,
+            max_pixels: DEFAULT_MAX_PIXELS,
         })
     }
 
@@ -139,7 +144,7 @@ impl Source for CocoSource {
     fn load(&self, index: usize, epoch: u64) -> Result<Sample> {
         let record = &self.index.images[index];
         let path = self.images_dir.join(&record.file_name);
-        let image = read_and_decode(&path)?;
+        let image = read_and_decode(&path, self.max_pixels)?;
         let orig_size = (image.height as u32, image.width as u32);
         let mut boxes = self.prepare_boxes(index, image.width, image.height);
         let (image, decisions) = if self.train {
@@ -173,6 +178,8 @@ impl Source for CocoSource {
 pub struct ImageListSource {
     pub paths: Vec<PathBuf>,
     pub augment: AugmentConfig,
+    /// Pixel budget per image (width x height).
+    pub max_pixels: u64,
 }
 
 impl Source for ImageListSource {
@@ -182,7 +189,7 @@ impl Source for ImageListSource {
 
     fn load(&self, index: usize, _epoch: u64) -> Result<Sample> {
         let path = &self.paths[index];
-        let image = read_and_decode(path)?;
+        let image = read_and_decode(path, self.max_pixels)?;
         let orig_size = (image.height as u32, image.width as u32);
         let image = apply_val_staged(image, &mut Boxes::default(), &self.augment);
         Ok(Sample {

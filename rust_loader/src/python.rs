@@ -17,7 +17,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use crate::batch::{Batch, Sample};
 use crate::coco::{load_coco, LabelMapping};
-use crate::decode::RgbImage;
+use crate::decode::{RgbImage, DEFAULT_MAX_PIXELS};
 use crate::error::LoaderError;
 use crate::pipeline::{
     BadImagePolicy, CocoSource, EpochIter, ImageListSource, Pipeline, PlanConfig, Source,
@@ -186,7 +186,8 @@ impl CocoLoaderCore {
     #[new]
     #[pyo3(signature = (images_dir, annotation_file, train, batch_size, workers=2, seed=0, rank=0,
         world_size=1, drop_last=None, shuffle=None, label_mapping="compact", on_bad_image="error",
-        scales=None, max_size=1333, val_size=800, crop_resize=None, crop_size=(384, 600), prefetch=None, crop_prob=0.5))]
+        scales=None, max_size=1333, val_size=800, crop_resize=None, crop_size=(384, 600), prefetch=None, crop_prob=0.5,
+        max_pixels=DEFAULT_MAX_PIXELS))]
     fn new(
         py: Python<'_>,
         images_dir: PathBuf,
@@ -208,6 +209,7 @@ impl CocoLoaderCore {
         crop_size: (u32, u32),
         prefetch: Option<usize>,
         crop_prob: f64,
+        max_pixels: u64,
     ) -> PyResult<Self> {
         let mapping: LabelMapping = label_mapping.parse().map_err(to_py_err)?;
         let policy: BadImagePolicy = on_bad_image.parse().map_err(to_py_err)?;
@@ -245,7 +247,10 @@ impl CocoLoaderCore {
                 CocoSource::open(&images_dir, &annotation_file, mapping, train, seed, augment)
             })
             .map_err(to_py_err)?;
-        let source = Arc::new(source);
+        let source = Arc::new(CocoSource {
+            max_pixels,
+            ..source
+        });
         let prefetch = prefetch.unwrap_or(2 * workers.max(1));
         let pipeline = Pipeline::new(
             source.clone() as Arc<dyn Source>,
@@ -323,7 +328,8 @@ struct ImageListCore {
 #[pymethods]
 impl ImageListCore {
     #[new]
-    #[pyo3(signature = (paths, batch_size, workers=2, val_size=800, max_size=1333, prefetch=None))]
+    #[pyo3(signature = (paths, batch_size, workers=2, val_size=800, max_size=1333, prefetch=None,
+        max_pixels=DEFAULT_MAX_PIXELS))]
     fn new(
         paths: Vec<PathBuf>,
         batch_size: usize,
@@ -331,6 +337,7 @@ impl ImageListCore {
         val_size: u32,
         max_size: u32,
         prefetch: Option<usize>,
+        max_pixels: u64,
     ) -> PyResult<Self> {
         let augment = AugmentConfig {
             val_size,
@@ -338,7 +345,11 @@ impl ImageListCore {
             ..AugmentConfig::default()
         };
         let plan = PlanConfig::in_order(batch_size);
-        let source = Arc::new(ImageListSource { paths, augment });
+        let source = Arc::new(ImageListSource {
+            paths,
+            augment,
+            max_pixels,
+        });
         let prefetch = prefetch.unwrap_or(2 * workers.max(1));
         let pipeline = Pipeline::new(source, plan, workers, prefetch, BadImagePolicy::Skip)
             .map_err(to_py_err)?;
@@ -362,7 +373,8 @@ impl ImageListCore {
 
 /// Decodes one JPEG/PNG file to a `uint8 [H, W, 3]` array (the loader's decoder).
 #[pyfunction]
-fn decode_file(py: Python<'_>, path: PathBuf) -> PyResult<PyObject> {
+#[pyo3(signature = (path, max_pixels=DEFAULT_MAX_PIXELS))]
+fn decode_file(py: Python<'_>, path: PathBuf, max_pixels: u64) -> PyResult<PyObject> {
     let image = py
         .allow_threads(|| {
             let name = path.display().to_string();
@@ -370,11 +382,35 @@ fn decode_file(py: Python<'_>, path: PathBuf) -> PyResult<PyObject> {
                 path: name.clone(),
                 source,
             })?;
-            crate::decode::decode_image(&bytes)
+            crate::decode::decode_image(&bytes, max_pixels)
                 .map_err(|detail| LoaderError::Decode { path: name, detail })
         })
         .map_err(to_py_err)?;
     Ok(image_to_py(py, image).unbind())
+}
+
+/// `(width, height, format, error, file_size)` of one scanned file.
+type ScanRow = (usize, usize, &'static str, Option<String>, u64);
+
+/// `(width, height, format, error, file_size)` of every image file, from its header only (no
+/// pixels decoded), in input order; `workers` threads (default: one per CPU), the GIL released.
+#[pyfunction]
+#[pyo3(signature = (paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None))]
+fn scan_images(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    max_pixels: u64,
+    workers: Option<usize>,
+) -> PyResult<Vec<ScanRow>> {
+    let workers =
+        workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let scanned = py
+        .allow_threads(|| crate::scan::scan_images(&paths, max_pixels, workers))
+        .map_err(to_py_err)?;
+    Ok(scanned
+        .into_iter()
+        .map(|s| (s.width, s.height, s.format, s.error, s.file_size))
+        .collect())
 }
 
 /// Parses a COCO annotation file; returns counts (for benchmarks and validation).
@@ -406,12 +442,14 @@ fn _rust_owned_array(py: Python<'_>, n: usize) -> (PyObject, usize) {
 fn _loader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DataError", m.py().get_type_bound::<DataError>())?;
+    m.add("DEFAULT_MAX_PIXELS", DEFAULT_MAX_PIXELS)?;
     m.add_class::<CocoLoaderCore>()?;
     m.add_class::<ImageListCore>()?;
     m.add_class::<BatchIter>()?;
     m.add_class::<BatchBuffer>()?;
     m.add_function(wrap_pyfunction!(decode_file, m)?)?;
     m.add_function(wrap_pyfunction!(parse_annotations, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_images, m)?)?;
     m.add_function(wrap_pyfunction!(_rust_owned_array, m)?)?;
     Ok(())
 }

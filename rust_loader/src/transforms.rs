@@ -70,28 +70,28 @@ pub struct Decisions {
 
 /// Official `get_size_with_aspect_ratio`: output `(h, w)` for shorter side `size`, longer side
 /// capped at `max_size`. Python semantics kept: `round` is half-to-even, `int` truncates.
+/// One departure: every side is at least 1 pixel. Officially an image more than `2 * max_size`
+/// times longer than wide (3000x1) gets a shorter side of 0 and breaks the model and the batch.
 pub fn get_size_with_aspect_ratio(w: u32, h: u32, size: u32, max_size: Option<u32>) -> (u32, u32) {
-    let mut size = size;
+    let mut size = size.max(1);
     if let Some(max_size) = max_size {
         let min_original = f64::from(w.min(h));
         let max_original = f64::from(w.max(h));
         if max_original / min_original * f64::from(size) > f64::from(max_size) {
-            size = (f64::from(max_size) * min_original / max_original).round_ties_even() as u32;
+            let capped = (f64::from(max_size) * min_original / max_original).round_ties_even();
+            size = (capped as u32).max(1);
         }
     }
     if (w <= h && w == size) || (h <= w && h == size) {
         return (h, w);
     }
+    let longer = |long: u32, short: u32| {
+        (((f64::from(size) * f64::from(long)) / f64::from(short)) as u32).max(1)
+    };
     if w < h {
-        (
-            ((f64::from(size) * f64::from(h)) / f64::from(w)) as u32,
-            size,
-        )
+        (longer(h, w), size)
     } else {
-        (
-            size,
-            ((f64::from(size) * f64::from(w)) / f64::from(h)) as u32,
-        )
+        (size, longer(w, h))
     }
 }
 
@@ -473,6 +473,37 @@ mod tests {
         assert_eq!(get_size_with_aspect_ratio(480, 640, 512, None), (682, 512));
         // Ties round to even like Python's round(): 5 * 1 / 2 = 2.5 -> 2 (not 3).
         assert_eq!(get_size_with_aspect_ratio(2, 1, 3, Some(5)), (2, 4));
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_keep_every_side_at_least_one_pixel() {
+        // Officially round(1333 / 3000) = 0: a 0-pixel side.
+        assert_eq!(
+            get_size_with_aspect_ratio(3000, 1, 800, Some(1333)),
+            (1, 3000)
+        );
+        assert_eq!(
+            get_size_with_aspect_ratio(1, 3000, 800, Some(1333)),
+            (3000, 1)
+        );
+        assert_eq!(
+            get_size_with_aspect_ratio(3000, 2, 800, Some(1333)),
+            (1, 1500)
+        );
+        assert_eq!(get_size_with_aspect_ratio(5, 5, 0, None), (1, 1));
+        let cfg = AugmentConfig::default();
+        for (w, h) in [(3000, 1), (1, 3000), (3000, 2), (1, 1), (2, 2999)] {
+            let image = gradient(w, h);
+            let out = apply_val(&image, &mut Boxes::default(), &cfg);
+            assert!(out.width >= 1 && out.height >= 1, "{w}x{h} -> {out:?}");
+            for seed in 0..20 {
+                let mut rng = KeyedRng::from_key(&[seed, w as u64, h as u64]);
+                let d = draw_train_decisions(&mut rng, w as u32, h as u32, &cfg);
+                let out = apply_train(image.clone(), &mut Boxes::default(), &d, &cfg);
+                assert!(out.width >= 1 && out.height >= 1, "{w}x{h} {d:?}");
+                assert_eq!(out.data.len(), out.width * out.height * 3);
+            }
+        }
     }
 
     #[test]
