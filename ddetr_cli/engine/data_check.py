@@ -75,9 +75,9 @@ def check_split(split, max_pixels: int | None = None, workers: int | None = None
     report.images, report.annotations = len(images), len(dataset["annotations"])
     _count_boxes(report, dataset)
     headers = _scan(split.images_dir, images, max_pixels, workers)
-    unreadable = [(image["file_name"], error) for image, (_, _, _, error, _) in zip(images, headers) if error]
+    unreadable = [(image["file_name"], h.error) for image, h in zip(images, headers) if h.error]
     report.unreadable, report.unreadable_count = unreadable[:FIRST], len(unreadable)
-    sizes = [(w, h) for w, h, _, error, _ in headers if not error and w and h]
+    sizes = [(h.width, h.height) for h in headers if not h.error and h.width and h.height]
     if sizes:
         report.width = _spread([w for w, _ in sizes])
         report.height = _spread([h for _, h in sizes])
@@ -109,14 +109,11 @@ def _count_boxes(report: SplitReport, dataset: dict) -> None:
     report.images_without_boxes = len(size) - len(with_boxes & set(size))
 
 
-def _scan(images_dir, images: list[dict], max_pixels: int | None, workers: int | None) -> list[tuple]:
-    from ddetr_cli import _loader
+def _scan(images_dir, images: list[dict], max_pixels: int | None, workers: int | None) -> list:
+    from ddetr_cli.data import DEFAULT_MAX_PIXELS, scan_images
 
-    paths = [str(Path(images_dir) / image["file_name"]) for image in images]
-    kwargs = {"workers": workers}
-    if max_pixels is not None:
-        kwargs["max_pixels"] = int(max_pixels)
-    return _loader.scan_images(paths, **kwargs)
+    paths = [Path(images_dir) / image["file_name"] for image in images]
+    return scan_images(paths, max_pixels or DEFAULT_MAX_PIXELS, workers)
 
 
 def _spread(values: list[float]) -> dict[str, float]:

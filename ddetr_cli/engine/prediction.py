@@ -195,9 +195,9 @@ def _ordered(det: dict) -> dict:
 def _save_visualisation(path: str, rel: str, dets: list[dict], vis_dir: Path) -> None:
     import cv2
 
-    from ddetr_cli.plots import draw_detections
+    from ddetr_cli.plots import draw_detections, read_image_raw
 
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    image = read_image_raw(path)  # the pixels the model saw: EXIF orientation ignored, as the loader
     if image is None:  # decoded by the loader but not by OpenCV (rare formats): no picture
         warn(f"cannot draw on {path}: OpenCV cannot read it")
         return
