@@ -28,6 +28,7 @@ from ddetr_cli.commands import bench_op as bench_op_cmd
 from ddetr_cli.commands import build_ops as build_ops_cmd
 from ddetr_cli.commands import demo as demo_cmd
 from ddetr_cli.commands import evaluate as eval_cmd
+from ddetr_cli.commands import export as export_cmd
 from ddetr_cli.commands import predict as predict_cmd
 from ddetr_cli.commands import synth as synth_cmd
 from ddetr_cli.commands import train as train_cmd
@@ -164,6 +165,7 @@ def _epilog(examples: list[str]) -> str:
 app.command("train", help=train_cmd.HELP, epilog=_epilog(train_cmd.EXAMPLES))(train_cmd.command)
 app.command("eval", help=eval_cmd.HELP, epilog=_epilog(eval_cmd.EXAMPLES))(eval_cmd.command)
 app.command("predict", help=predict_cmd.HELP, epilog=_epilog(predict_cmd.EXAMPLES))(predict_cmd.command)
+app.command("export", help=export_cmd.HELP, epilog=_epilog(export_cmd.EXAMPLES))(export_cmd.command)
 
 bench_app = typer.Typer(
     help=bench_cmd.HELP,
