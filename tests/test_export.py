@@ -31,6 +31,7 @@ VARIANTS = {
 CATEGORY_IDS = [1, 2, 3, 5, 7]
 CLASS_NAMES = ["circle", "square", "triangle", "star", "cross"]
 SCORE_TOL, BOX_TOL = 1e-4, 1e-3
+HALF_SCORE_TOL, HALF_BOX_TOL = 2e-3, 0.25  # --half on 64x96 inputs (measured: scores <= 3e-4)
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -82,25 +83,33 @@ def run_onnx(path, *inputs):
     return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
 
 
-def assert_same_detections(expected: list[dict], scores, labels, boxes, category_ids=CATEGORY_IDS):
+def assert_same_detections(
+    expected: list[dict],
+    scores,
+    labels,
+    boxes,
+    category_ids=CATEGORY_IDS,
+    score_tol=SCORE_TOL,
+    box_tol=BOX_TOL,
+):
     """ONNX outputs [B, K] / [B, K, 4] (labels as category ids) against postprocess's dicts."""
     assert len(expected) == scores.shape[0]
     for i, ref in enumerate(expected):
         assert scores.shape[1] == ref["scores"].shape[0]
         got_scores, got_labels, got_boxes = map(torch.as_tensor, (scores[i], labels[i], boxes[i]))
-        torch.testing.assert_close(got_scores, ref["scores"], atol=SCORE_TOL, rtol=0)
+        torch.testing.assert_close(got_scores, ref["scores"], atol=score_tol, rtol=0)
         ref_labels = torch.tensor([category_ids[c] for c in ref["labels"].tolist()])
         # Near-equal scores may swap places: match each detection to the same-label one nearest in
         # score among those within tolerance, then compare boxes. The last ones may differ at the
         # top-k boundary, so only detections clearly above the k-th score are matched.
         kth = float(ref["scores"][-1])
         for score, label, box in zip(got_scores, got_labels, got_boxes):
-            if score < kth + 2 * SCORE_TOL:
+            if score < kth + 2 * score_tol:
                 continue
-            candidates = (ref_labels == label) & ((ref["scores"] - score).abs() <= SCORE_TOL)
+            candidates = (ref_labels == label) & ((ref["scores"] - score).abs() <= score_tol)
             assert candidates.any(), f"no PyTorch detection of category {int(label)} at score {float(score)}"
             box_error = (ref["boxes"][candidates] - box).abs().amax(1).min()
-            assert box_error <= BOX_TOL, f"box differs by {float(box_error)} px"
+            assert box_error <= box_tol, f"box differs by {float(box_error)} px"
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
@@ -132,6 +141,23 @@ def test_uint8_input_matches_pytorch_on_the_same_pixels(checkpoint, tmp_path, dy
     valid = torch.tensor(sizes, dtype=torch.int64)
     expected = pytorch_detections(model, images, mask, valid, topk=30)
     assert_same_detections(expected, *run_onnx(out, pixels, valid))
+
+
+def test_half(checkpoint, tmp_path):
+    """--half (fp16 autocast in the graph) to the looser HALF_* tolerances, on onnxruntime's CPU."""
+    import onnx
+
+    variant, model, weights = checkpoint
+    out = export_onnx(
+        weights, tmp_path / "half.onnx", imgsz=(64, 96), batch=2, input_form="normalized", half=True
+    )
+    proto = onnx.load(str(out))
+    fp16 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert any("linear1" in name or "MatMul" in name for name in fp16), "no fp16 weights"
+    _, images, mask = batch_inputs([(64, 96), (48, 80)], seed=2)
+    expected = pytorch_detections(model, images, mask, valid_sizes(mask))
+    scores, labels, boxes = run_onnx(out, images, mask)
+    assert_same_detections(expected, scores, labels, boxes, score_tol=HALF_SCORE_TOL, box_tol=HALF_BOX_TOL)
 
 
 def test_metadata_round_trip(checkpoint, tmp_path):
@@ -225,7 +251,6 @@ def test_export_command(checkpoint, tmp_path):
     [
         (["--imgsz", "64xabc"], "--imgsz must be HxW"),
         (["--opset", "13"], "--opset must be >= 16"),
-        (["--half"], "--half is not supported"),
     ],
 )
 def test_export_command_errors(checkpoint, tmp_path, args, message):
@@ -259,3 +284,21 @@ def test_onnx_detector_rejects_foreign_files(tmp_path):
         OnnxDetector(junk)
     with pytest.raises(UserError, match="no such file"):
         OnnxDetector(tmp_path / "missing.onnx")
+
+
+@pytest.mark.slow
+def test_full_size_r50_two_stage_from_official_pth(tmp_path):
+    """The paper's R50 two-stage model (random weights), saved in the official .pth layout."""
+    import argparse
+
+    torch.manual_seed(0)
+    model = build_model(DeformableDetrConfig(with_box_refine=True, two_stage=True)).eval()
+    randomise(model, seed=11)
+    weights = tmp_path / "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.pth"
+    args = argparse.Namespace(nheads=8, num_queries=300, dilation=False, backbone="resnet50")
+    torch.save({"model": model.state_dict(), "args": args}, weights)
+    out = export_onnx(weights, tmp_path / "r50.onnx", imgsz=(256, 320), dynamic=True, input_form="normalized")
+
+    _, images, mask = batch_inputs([(288, 352), (256, 300)], seed=13)
+    expected = pytorch_detections(model, images, mask, valid_sizes(mask))
+    assert_same_detections(expected, *run_onnx(out, images, mask), category_ids=list(range(91)))

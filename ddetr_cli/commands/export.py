@@ -54,7 +54,9 @@ def command(
         help="uint8: RGB images + valid sizes (deployment); normalized: the PyTorch model's input + mask.",
     ),
     topk: int = typer.Option(100, "--topk", min=1, help="Detections per image in the graph's output."),
-    half: bool = typer.Option(False, "--half", help="fp16 graph (not supported yet: says why)."),
+    half: bool = typer.Option(
+        False, "--half", help="fp16 convolutions and matmuls (as --amp fp16); I/O unchanged."
+    ),
     simplify: bool = typer.Option(False, "--simplify", help="Run onnxsim on the graph (needs onnxsim)."),
 ) -> None:
     from ddetr_cli.engine.export import export_onnx, parse_imgsz

@@ -175,13 +175,11 @@ def export_onnx(
 
     imgsz  (H, W) or "HxW" of the example input: the graph's fixed size, or only the tracing size
            with `dynamic` (then batch, height and width are all dynamic)
+    half   trace under fp16 autocast: convolutions and matrix products in fp16 (their weights stored
+           fp16), normalisations, softmax, the attention's sampling and the top-k in fp32, as
+           `--amp fp16` runs in PyTorch; inputs and outputs keep their types
     """
     require_onnx()
-    if half:
-        raise UserError(
-            "--half is not supported: the model runs fp16 only under autocast, and onnxruntime's CPU "
-            "provider has no fp16 kernels for it; export fp32 and let TensorRT build fp16 (trtexec --fp16)"
-        )
     if simplify:
         _require_onnxsim()
     if opset < MIN_OPSET:
@@ -201,7 +199,8 @@ def export_onnx(
     model = load_model(weights, device="cpu")
     graph = DetectionGraph(model, input_form, topk).eval()
     props = metadata(model, weights, size, batch, dynamic, input_form, topk, opset)
-    proto = trace_to_onnx(graph, example_inputs(input_form, batch, size), dynamic, opset)
+    props["precision"] = "fp16-autocast" if half else "fp32"
+    proto = trace_to_onnx(graph, example_inputs(input_form, batch, size), dynamic, opset, half)
     if simplify:
         proto = _simplify(proto)
     _write(proto, props, out)
@@ -219,8 +218,9 @@ def example_inputs(input_form: str, batch: int, size: tuple[int, int]) -> tuple[
     return images, torch.zeros(batch, h, w, dtype=torch.bool)
 
 
-def trace_to_onnx(graph: DetectionGraph, inputs, dynamic: bool, opset: int):
-    """TorchScript-based export (torch.onnx.export(dynamo=False)) -> onnx.ModelProto."""
+def trace_to_onnx(graph: DetectionGraph, inputs, dynamic: bool, opset: int, half: bool = False):
+    """TorchScript-based export (torch.onnx.export(dynamo=False)) -> onnx.ModelProto; `half` traces
+    under CPU fp16 autocast, which records its casts in the graph."""
     import io
     import warnings
 
@@ -237,7 +237,8 @@ def trace_to_onnx(graph: DetectionGraph, inputs, dynamic: bool, opset: int):
             "boxes": {0: "batch"},
         }
     buffer = io.BytesIO()
-    with reference_attention(), torch.no_grad(), warnings.catch_warnings():
+    autocast = fp16_autocast(graph) if half else contextlib.nullcontext()
+    with reference_attention(), torch.no_grad(), autocast, warnings.catch_warnings():
         # Tracer and deprecation warnings are about Python values frozen into the graph: the model
         # keeps every size that varies in tensors (ops.level_shapes), and the tests check the result.
         warnings.simplefilter("ignore")
@@ -253,6 +254,23 @@ def trace_to_onnx(graph: DetectionGraph, inputs, dynamic: bool, opset: int):
             do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def fp16_autocast(graph: nn.Module):
+    """CPU fp16 autocast, with every LayerNorm's input cast to fp32 first (as CUDA autocast does):
+    ONNX LayerNormalization needs its input and weights in one dtype."""
+    hooks = [
+        module.register_forward_pre_hook(lambda _, args: (args[0].float(), *args[1:]))
+        for module in graph.modules()
+        if isinstance(module, nn.LayerNorm)
+    ]
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _write(proto, props: dict[str, str], out: Path) -> None:
