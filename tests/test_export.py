@@ -45,16 +45,30 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
                 t.add_(torch.randn(t.shape, generator=g) * 0.2)
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-    """(variant, model, path of its ddetr .pt)."""
-    torch.manual_seed(0)
-    config = tiny_config(**VARIANTS[request.param], class_names=CLASS_NAMES, category_ids=CATEGORY_IDS)
-    model = build_model(config).eval()
-    randomise(model, seed=len(request.param))
-    path = tmp_path_factory.mktemp(request.param) / "tiny.pt"
-    torch.save(model_checkpoint(model), path)
-    return request.param, model, path
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """variant -> (model, path of its ddetr .pt), each built on first use."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            torch.manual_seed(0)
+            overrides = VARIANTS[variant]
+            config = tiny_config(**overrides, class_names=CLASS_NAMES, category_ids=CATEGORY_IDS)
+            model = build_model(config).eval()
+            randomise(model, seed=len(variant))
+            path = tmp_path_factory.mktemp(variant) / "tiny.pt"
+            torch.save(model_checkpoint(model), path)
+            cache[variant] = model, path
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(params=list(VARIANTS))
+def checkpoint(request, checkpoints):
+    """(variant, model, path of its ddetr .pt) for every variant."""
+    return (request.param, *checkpoints(request.param))
 
 
 def batch_inputs(sizes: list[tuple[int, int]], seed: int = 0):
@@ -127,12 +141,13 @@ def test_normalized_input_matches_pytorch(checkpoint, tmp_path, dynamic):
         assert_same_detections(expected, *run_onnx(out, images, mask))
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
-def test_uint8_input_matches_pytorch_on_the_same_pixels(checkpoint, tmp_path, dynamic):
+@pytest.mark.parametrize(
+    "variant, dynamic",
+    [("plain", False), ("box-refine", False), ("two-stage", False), ("plain", True), ("two-stage", True)],
+)
+def test_uint8_input_matches_pytorch_on_the_same_pixels(checkpoints, tmp_path, variant, dynamic):
     """The default deployment form: uint8 pixels + valid sizes, normalisation and mask in the graph."""
-    variant, model, weights = checkpoint
-    if variant == "box-refine" and dynamic:
-        pytest.skip("plain and two-stage cover the dynamic uint8 graph; keeps the suite short")
+    model, weights = checkpoints(variant)
     out = tmp_path / "model.onnx"
     export_onnx(weights, out, imgsz=(64, 96), batch=2, dynamic=dynamic, topk=30)
     sizes = [(64, 96), (50, 72)] if not dynamic else [(80, 112), (64, 100)]
@@ -143,11 +158,12 @@ def test_uint8_input_matches_pytorch_on_the_same_pixels(checkpoint, tmp_path, dy
     assert_same_detections(expected, *run_onnx(out, pixels, valid))
 
 
-def test_half(checkpoint, tmp_path):
-    """--half (fp16 autocast in the graph) to the looser HALF_* tolerances, on onnxruntime's CPU."""
+def test_half(checkpoints, tmp_path):
+    """--half (fp16 autocast in the graph) to the looser HALF_* tolerances, on onnxruntime's CPU.
+    Two-stage: it holds every part of the other variants (plain and box-refine pass too)."""
     import onnx
 
-    variant, model, weights = checkpoint
+    model, weights = checkpoints("two-stage")
     out = export_onnx(
         weights, tmp_path / "half.onnx", imgsz=(64, 96), batch=2, input_form="normalized", half=True
     )
@@ -160,11 +176,12 @@ def test_half(checkpoint, tmp_path):
     assert_same_detections(expected, scores, labels, boxes, score_tol=HALF_SCORE_TOL, box_tol=HALF_BOX_TOL)
 
 
-def test_metadata_round_trip(checkpoint, tmp_path):
+@pytest.mark.parametrize("variant", ["two-stage"])
+def test_metadata_round_trip(checkpoints, tmp_path, variant):
     """The file's metadata rebuilds the config; OnnxDetector reads it and follows the Detector contract."""
     from ddetr_cli.engine.onnx_detector import OnnxDetector
 
-    variant, model, weights = checkpoint
+    model, weights = checkpoints(variant)
     out = tmp_path / "model.onnx"
     export_onnx(weights, out, imgsz=(64, 96), dynamic=True, input_form="normalized", topk=50)
     detector = OnnxDetector(out)
@@ -226,11 +243,9 @@ def test_onnx_detector_fixed_file_and_uint8_form(tmp_path):
         detector(big, big_mask, torch.tensor([[72, 96]]))
 
 
-def test_export_command(checkpoint, tmp_path):
+def test_export_command(checkpoints, tmp_path):
     """The CLI writes a loadable file with the asked-for shapes."""
-    variant, _, weights = checkpoint
-    if variant != "plain":
-        pytest.skip("one variant is enough for the command's wiring")
+    _, weights = checkpoints("plain")
     out = tmp_path / "cli.onnx"
     result = ddetr("export", "--weights", weights, "--out", out, "--imgsz", "64x96", "--batch", "2")
     assert result.exit_code == 0, result.output
@@ -253,10 +268,8 @@ def test_export_command(checkpoint, tmp_path):
         (["--opset", "13"], "--opset must be >= 16"),
     ],
 )
-def test_export_command_errors(checkpoint, tmp_path, args, message):
-    variant, _, weights = checkpoint
-    if variant != "plain":
-        pytest.skip("argument checks do not depend on the variant")
+def test_export_command_errors(checkpoints, tmp_path, args, message):
+    _, weights = checkpoints("plain")
     result = ddetr("export", "--weights", weights, "--out", tmp_path / "m.onnx", *args)
     assert result.exit_code == 2
     assert message in error_line(result)
@@ -272,6 +285,14 @@ def test_export_command_missing_weights_and_missing_onnx(tmp_path, monkeypatch):
     result = ddetr("export", "--weights", tmp_path / "nope.pt", "--out", tmp_path / "m.onnx")
     assert result.exit_code == 2
     assert 'pip install "ddetr[export]"' in error_line(result)
+
+
+def test_simplify_without_onnxsim(checkpoints, tmp_path, monkeypatch):
+    _, weights = checkpoints("plain")
+    monkeypatch.setitem(sys.modules, "onnxsim", None)  # as where onnxsim is not installed
+    result = ddetr("export", "--weights", weights, "--out", tmp_path / "m.onnx", "--simplify")
+    assert result.exit_code == 2
+    assert "--simplify needs onnxsim: pip install onnxsim" in error_line(result)
 
 
 def test_onnx_detector_rejects_foreign_files(tmp_path):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ddetr_cli.console import UserError
+from ddetr_cli.model.postprocess import topk_detections
 
 # ddetr's loaders normalise (pixel / 255 - MEAN) / STD (rust_loader/src/resample.rs).
 MEAN = (0.485, 0.456, 0.406)
@@ -47,15 +48,14 @@ class DetectionGraph(nn.Module):
         config = model.config
         ids = config.category_ids if config.category_ids is not None else range(config.num_classes)
         self.register_buffer("category_ids", torch.tensor(list(ids), dtype=torch.int64), persistent=False)
-        # x * scale + shift == (x / 255 - mean) / std, the constants computed in float64 as the loader does.
+        # x * scale + shift == (x / 255 - mean) / std to within a float32 ulp of the loader's values.
         scale = [1.0 / (255.0 * s) for s in STD]
         shift = [-m / s for m, s in zip(MEAN, STD)]
         self.register_buffer("scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, sizes_or_mask: torch.Tensor):
-        from ddetr_cli.model.postprocess import topk_detections
-
+        """(images uint8, sizes) or (images float32, mask) -> scores, category ids, boxes; see module doc."""
         if self.input_form == "uint8":
             sizes = sizes_or_mask
             mask = padding_mask(sizes, images.shape[-2], images.shape[-1])

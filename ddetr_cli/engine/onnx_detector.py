@@ -5,8 +5,8 @@
 
 The input is what ddetr's loaders produce (ImageNet-normalised float32 images, padding mask). For a
 file exported with the default uint8 input the images are de-normalised and rounded back to uint8
-first: that quantises the *resized* pixels (the loader resizes in float), so scores can move by
-~1e-3 against PyTorch on the same batch; export with `--input normalized` to reproduce ddetr's own
+first: that quantises the *resized* pixels (the loader resizes in float), so results differ
+slightly from PyTorch's on the same batch; export with `--input normalized` to reproduce ddetr's own
 pipeline exactly. A fixed-size file gets each batch zero-padded to its size (an image larger than it
 is an error) and split or filled up to its batch; padding changes results slightly, as it does in
 PyTorch: export with `--dynamic` for the same numbers as the PyTorch model on the same batches.
