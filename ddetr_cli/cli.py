@@ -1,4 +1,4 @@
-"""The `ddetr` command line: train, eval, predict, bench, demo, data synth, build-ops.
+"""The `ddetr` command line: train, eval, predict, export, bench, demo, data synth, build-ops.
 
 Each command lives in its own module under `ddetr_cli/commands/` as a plain Python function (the
 Python API, which `ddetr demo` reuses) plus a thin Typer command. This module wires them into one
