@@ -243,6 +243,11 @@ def test_onnx_detector_fixed_file_and_uint8_form(tmp_path):
         detector(big, big_mask, torch.tensor([[72, 96]]))
 
 
+def test_export_help():
+    result = ddetr("export", "--help")
+    assert result.exit_code == 0 and "Examples" in result.stdout and "ddetr export" in result.stdout
+
+
 def test_export_command(checkpoints, tmp_path):
     """The CLI writes a loadable file with the asked-for shapes."""
     _, weights = checkpoints("plain")
