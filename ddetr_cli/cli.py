@@ -1,7 +1,7 @@
-"""The `ddetr` command line: train, eval, predict, bench, demo, data synth|check, build-ops.
+"""The `ddetr` command line: train, eval, predict, export, bench, demo, data synth|check, build-ops.
 
-Each command lives in its own module under `ddetr_cli/commands/` as a plain Python function (the
-Python API, which `ddetr demo` reuses) plus a thin Typer command. This module wires them into one
+Each command lives in its own module under `ddetr_cli/commands/`: a thin Typer face over the
+engine in `ddetr_cli/engine/` (the Python API). This module wires them into one
 Typer app and owns the error contract every command follows:
 
 - a user error (bad path, bad option value, bad data or checkpoint) prints one red line naming
@@ -29,6 +29,7 @@ from ddetr_cli.commands import build_ops as build_ops_cmd
 from ddetr_cli.commands import data_check as data_check_cmd
 from ddetr_cli.commands import demo as demo_cmd
 from ddetr_cli.commands import evaluate as eval_cmd
+from ddetr_cli.commands import export as export_cmd
 from ddetr_cli.commands import predict as predict_cmd
 from ddetr_cli.commands import synth as synth_cmd
 from ddetr_cli.commands import train as train_cmd
@@ -166,6 +167,7 @@ def _epilog(examples: list[str]) -> str:
 app.command("train", help=train_cmd.HELP, epilog=_epilog(train_cmd.EXAMPLES))(train_cmd.command)
 app.command("eval", help=eval_cmd.HELP, epilog=_epilog(eval_cmd.EXAMPLES))(eval_cmd.command)
 app.command("predict", help=predict_cmd.HELP, epilog=_epilog(predict_cmd.EXAMPLES))(predict_cmd.command)
+app.command("export", help=export_cmd.HELP, epilog=_epilog(export_cmd.EXAMPLES))(export_cmd.command)
 
 bench_app = typer.Typer(
     help=bench_cmd.HELP,

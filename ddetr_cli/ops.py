@@ -53,13 +53,13 @@ def ms_deform_attn_reference(
     attention_weights = attention_weights.to(value.dtype)
     B, _, M, D = value.shape
     _, Q, _, L, K, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(sizes, dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    start = 0
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         # [B, H*W, M, D] -> [B*M, D, H, W]
-        v = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, int(h), int(w))
+        v = value[:, start : start + h * w].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
+        start = start + h * w
         # [B, Q, M, K, 2] -> [B*M, Q, K, 2]
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
@@ -67,6 +67,14 @@ def ms_deform_attn_reference(
     weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L * K)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
+
+
+def level_shapes(spatial_shapes: torch.Tensor) -> list:
+    """spatial_shapes [L, 2] -> [(H_l, W_l)] per level: Python ints, or 0-dim tensors under tracing
+    (ONNX export), where ints would be frozen into the graph and fix its image size."""
+    if torch.jit.is_tracing():
+        return [(hw[0], hw[1]) for hw in spatial_shapes.unbind(0)]
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
 def ms_deform_attn(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr_cli.model.msda import MSDeformAttn
+from ddetr_cli.ops import level_shapes
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -60,10 +61,10 @@ class DeformableEncoder(nn.Module):
         """
         device = valid_ratios.device
         per_level = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)

@@ -22,8 +22,20 @@ def postprocess(outputs: dict, target_sizes, topk: int = 100) -> list[dict[str, 
         raise ValueError(
             f"target_sizes must be [{logits.shape[0]}, 2] (h, w), got {list(target_sizes.shape)}"
         )
-    batch, _, num_classes = logits.shape
-    k = min(topk, logits.shape[1] * num_classes)
+    scores, labels, boxes = topk_detections(logits, pred_boxes, target_sizes, topk)
+    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+def topk_detections(
+    logits: torch.Tensor, pred_boxes: torch.Tensor, target_sizes: torch.Tensor, topk: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`postprocess` on whole batches (traceable: the ONNX export runs it inside the graph).
+
+    logits [B, Q, C], pred_boxes [B, Q, 4] cxcywh in [0, 1], target_sizes [B, 2] (h, w)
+    returns scores [B, k] descending, labels [B, k] int64 class indices, boxes [B, k, 4] xyxy pixels
+    """
+    batch, num_queries, num_classes = logits.shape
+    k = min(topk, num_queries * num_classes)
     scores, flat_index = torch.topk(logits.sigmoid().view(batch, -1), k, dim=1)
     query_index = flat_index // num_classes
     labels = flat_index % num_classes
@@ -31,5 +43,4 @@ def postprocess(outputs: dict, target_sizes, topk: int = 100) -> list[dict[str, 
     boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
     img_h, img_w = target_sizes.to(boxes.dtype).unbind(1)
     scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)
-    boxes = boxes * scale[:, None, :]
-    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+    return scores, labels, boxes * scale[:, None, :]

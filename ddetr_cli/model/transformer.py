@@ -15,6 +15,7 @@ from torch import nn
 from ddetr_cli.model.decoder import DeformableDecoder, DeformableDecoderLayer
 from ddetr_cli.model.encoder import DeformableEncoder, DeformableEncoderLayer
 from ddetr_cli.model.msda import MSDeformAttn
+from ddetr_cli.ops import level_shapes
 
 
 class DeformableTransformer(nn.Module):
@@ -130,6 +131,8 @@ class DeformableTransformer(nn.Module):
             ],
             1,
         )
+        if torch.jit.is_tracing():  # keep the sizes in the exported graph (dynamic image size)
+            spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs])
         spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes
 
@@ -189,13 +192,13 @@ class DeformableTransformer(nn.Module):
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             mask = memory_padding_mask[:, start : start + h * w].view(batch, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # [h, w, 2]
