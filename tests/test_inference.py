@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from model_helpers import one_thread as one_thread
 from model_helpers import tiny_config
@@ -70,3 +71,31 @@ def test_same_size_groups():
     for i, (h, w) in enumerate([(10, 12), (7, 12), (10, 12), (7, 9)]):
         mask[i, :h, :w] = False
     assert same_size_groups(mask) == [([0, 2], (10, 12)), ([1], (7, 12)), ([3], (7, 9))]
+
+
+def test_eval_predict_and_bench_through_onnx_equal_pytorch(synthetic_coco, tmp_path):
+    """`--weights model.onnx` (exported --dynamic --input normalized) gives the .pt's numbers."""
+    pytest.importorskip("onnxruntime")
+    from ddetr_cli.engine.benchmark import bench
+    from ddetr_cli.engine.export import export_onnx
+
+    weights = _tiny_weights(tmp_path / "w.pt", seed=3)
+    onnx_file = export_onnx(
+        weights, tmp_path / "w.onnx", imgsz=(96, 128), dynamic=True, input_form="normalized"
+    )
+    common = dict(data=str(synthetic_coco), out=None, batch_size=3, imgsz=96, device="cpu", show=False)
+    from_pt = evaluate(weights=weights, save_detections=tmp_path / "pt.json", **common)
+    from_onnx = evaluate(weights=onnx_file, save_detections=tmp_path / "onnx.json", **common)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
+        assert from_onnx[key] == pytest.approx(from_pt[key], abs=1e-4), key
+
+    images = sorted(str(p) for p in (synthetic_coco / "val").glob("*.jpg"))
+    args = dict(out=None, score_thr=0.0, imgsz=96, device="cpu")
+    pt_dets, onnx_dets = predict(images, weights, **args), predict(images, onnx_file, **args)
+    assert len(pt_dets) == len(onnx_dets) > 0
+    for a, b in zip(pt_dets, onnx_dets):
+        assert a["category_id"] == b["category_id"] and a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=0.02)  # both rounded to 0.01 px
+
+    report = bench(weights=onnx_file, imgsz="96x128", device="cpu", warmup=0, iters=2, show=False)
+    assert report["msda_backend"] == "onnxruntime" and report["images_per_s"] > 0

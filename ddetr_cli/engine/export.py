@@ -147,6 +147,7 @@ def metadata(model, weights, imgsz, batch, dynamic, input_form, topk, opset) -> 
         "std": json.dumps(STD),
         "topk": str(topk),
         "opset": str(opset),
+        "imgsz": str(default_imgsz(weights)[0]),  # the shorter side the weights were trained for
     }
 
 

@@ -45,7 +45,7 @@ def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
     if weights is not None and str(weights).endswith(ONNX_SUFFIX):
         from ddetr_cli.engine.onnx_detector import onnx_imgsz
 
-        return onnx_imgsz(weights) or DEFAULT_SIZE
+        return onnx_imgsz(weights)
     if weights is not None:
         from ddetr_cli.runs import checkpoint_meta
 
@@ -95,23 +95,33 @@ class TorchDetector:
     def __call__(self, images, mask, orig_sizes, topk: int = 100) -> list[dict]:
         import torch
 
-        from ddetr_cli.distributed import autocast
-        from ddetr_cli.model import postprocess
-
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
-        results: list = [None] * images.shape[0]
         try:
             with torch.no_grad():
-                for indices, (h, w) in same_size_groups(mask):
-                    with autocast(self.device, self.amp):
-                        outputs = model(images[indices, :, :h, :w], mask[indices, :h, :w])
-                    for i, result in zip(indices, postprocess(outputs, orig_sizes[indices], topk=topk)):
-                        results[i] = result
+                return per_image_size(self._forward, images, mask, orig_sizes, topk)
         finally:
             model.train(was_training)
-        return results
+
+    def _forward(self, images, mask, orig_sizes, topk: int) -> list[dict]:
+        from ddetr_cli.distributed import autocast
+        from ddetr_cli.model import postprocess
+
+        with autocast(self.device, self.amp):
+            outputs = unwrap(self.model)(images, mask)
+        return postprocess(outputs, orig_sizes, topk=topk)
+
+
+def per_image_size(run, images, mask, orig_sizes, topk: int) -> list[dict]:
+    """`run(images, mask, orig_sizes, topk) -> list` on each group of same-size images of a padded
+    batch, cropped to that size (no padding at all) -> the results in batch order."""
+    results: list = [None] * images.shape[0]
+    for indices, (h, w) in same_size_groups(mask):
+        group = run(images[indices, :, :h, :w], mask[indices, :h, :w], orig_sizes[indices], topk)
+        for i, result in zip(indices, group):
+            results[i] = result
+    return results
 
 
 def same_size_groups(mask) -> list[tuple[list[int], tuple[int, int]]]:
