@@ -179,3 +179,17 @@ def test_skipped_images_are_left_out_with_either_backend(synthetic_coco, backend
     ]
     _, metrics = score_run(gt, DatasetDetections(perfect, seen, [("x.jpg", "bad")]), ann, backend)
     assert metrics["AP"] == pytest.approx(1.0)
+
+
+def test_max_pixels_option_reaches_the_loader(synthetic_coco, tmp_path):
+    """--max-pixels below the images' size: every image is a named skip, so predict has nothing."""
+    weights = _tiny_weights(tmp_path / "w.pt")
+    result = ddetr(
+        "predict", synthetic_coco / "val", "-w", weights, "--max-pixels", "100", "--out", tmp_path / "r.json"
+    )
+    assert result.exit_code == 2 and "none of the images could be read" in error_line(result)
+    assert "exceed the budget of 100 pixels" in result.stderr
+    report = json.loads(
+        ddetr("data", "check", "--data", synthetic_coco, "--max-pixels", "100", "--json").stdout
+    )
+    assert report["splits"]["val"]["unreadable_count"] == 4 and not report["ok"]

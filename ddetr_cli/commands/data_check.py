@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ddetr_cli.commands.options import MAX_PIXELS_OPTION
 from ddetr_cli.console import console, error, warn
 from ddetr_cli.engine.data_check import check_dataset
 
@@ -28,9 +29,7 @@ EXAMPLES = [
 def data_check(
     data: str = typer.Option(..., "--data", help="COCO-layout ROOT folder or dataset.yaml."),
     split: str = typer.Option("all", "--split", help="train, val or all (the splits that exist)."),
-    max_pixels: Optional[int] = typer.Option(
-        None, "--max-pixels", help="Pixel budget per image (default: the loader's, 8000 x 8000)."
-    ),
+    max_pixels: Optional[int] = MAX_PIXELS_OPTION,
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Header-reading threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

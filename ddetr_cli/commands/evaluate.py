@@ -13,7 +13,13 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, INFERENCE_IMGSZ_OPTION
+from ddetr_cli.commands.options import (
+    AMP_OPTION,
+    DEVICE_OPTION,
+    HUB_HELP,
+    INFERENCE_IMGSZ_OPTION,
+    MAX_PIXELS_OPTION,
+)
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.evaluation import evaluate
 
@@ -57,6 +63,7 @@ def command(
     backend: str = typer.Option(
         "faster", "--backend", help="COCO evaluator: faster (faster-coco-eval) or pycocotools; same numbers."
     ),
+    max_pixels: Optional[int] = MAX_PIXELS_OPTION,
 ) -> None:
     evaluate(
         weights=weights,
@@ -72,4 +79,5 @@ def command(
         amp=amp.value,
         topk=topk,
         backend=backend,
+        max_pixels=max_pixels,
     )

@@ -18,3 +18,7 @@ HUB_HELP = (
     ", or a Hugging Face Hub id org/name or org/name@revision, e.g. SenseTime/deformable-detr (cached under "
     "HF_HOME; HF_HUB_OFFLINE=1: the cache only). A local path always wins."
 )
+# Every command that reads images: the pixel budget a header may claim before the file is skipped.
+MAX_PIXELS_OPTION = typer.Option(
+    None, "--max-pixels", min=1, help="Skip images whose header claims more pixels (default: 8000 x 8000)."
+)

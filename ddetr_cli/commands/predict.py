@@ -13,7 +13,13 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, INFERENCE_IMGSZ_OPTION
+from ddetr_cli.commands.options import (
+    AMP_OPTION,
+    DEVICE_OPTION,
+    HUB_HELP,
+    INFERENCE_IMGSZ_OPTION,
+    MAX_PIXELS_OPTION,
+)
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.prediction import predict
 
@@ -47,6 +53,7 @@ def command(
     device: Optional[str] = DEVICE_OPTION,
     imgsz: Optional[int] = INFERENCE_IMGSZ_OPTION,
     amp: Amp = AMP_OPTION,
+    max_pixels: Optional[int] = MAX_PIXELS_OPTION,
 ) -> None:
     predict(
         sources,
@@ -61,4 +68,5 @@ def command(
         device=device,
         imgsz=imgsz,
         amp=amp.value,
+        max_pixels=max_pixels,
     )

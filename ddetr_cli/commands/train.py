@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import DEVICE_OPTION
+from ddetr_cli.commands.options import DEVICE_OPTION, MAX_PIXELS_OPTION
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.settings import parse_scales
 from ddetr_cli.engine.trainer import train
@@ -133,6 +133,7 @@ def command(
         metavar="[PATH]",
         help="Continue a run from PATH (last.pt); alone: the latest under --project.",
     ),
+    max_pixels: Optional[int] = MAX_PIXELS_OPTION,
 ) -> None:
     result = train(
         data,
@@ -171,6 +172,7 @@ def command(
         name=name,
         exist_ok=exist_ok,
         resume=resume,
+        max_pixels=max_pixels,
     )
     if result.interrupted:
         raise typer.Exit(130)

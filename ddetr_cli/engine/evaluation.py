@@ -40,6 +40,7 @@ def evaluate(
     amp: str = "off",
     topk: int = 100,
     backend: str | None = None,
+    max_pixels: int | None = None,
     show: bool = True,
 ) -> dict:
     """COCO-evaluate `weights` (or the results file `predictions`) on `data`'s `split`.
@@ -74,7 +75,10 @@ def evaluate(
         metrics = coco_eval.evaluate_detections(gt, detections, backend)
         metrics.update(images=len(gt.imgs), skipped_images=0)
     else:
-        run, is_main = _run_model(weights, data_split, gt, device, batch_size, workers, imgsz, amp, topk)
+        loader_options = {"batch_size": batch_size, "workers": workers}
+        if max_pixels is not None:
+            loader_options["max_pixels"] = max_pixels
+        run, is_main = _run_model(weights, data_split, gt, device, loader_options, imgsz, amp, topk)
         if not is_main:
             return {}
         detections, metrics = score_run(gt, run, data_split.annotation_file, backend)
@@ -145,7 +149,7 @@ def _rename_classes(per_class: dict, gt, names: list[str]) -> dict:
     return dict(zip(names, per_class.values()))
 
 
-def _run_model(weights, data_split, gt, device, batch_size, workers, imgsz, amp, topk):
+def _run_model(weights, data_split, gt, device, loader_options: dict, imgsz, amp, topk):
     from ddetr_cli import distributed
     from ddetr_cli.data import CocoLoader
 
@@ -159,13 +163,12 @@ def _run_model(weights, data_split, gt, device, batch_size, workers, imgsz, amp,
             str(data_split.images_dir),
             str(data_split.annotation_file),
             train=False,
-            batch_size=batch_size,
-            workers=workers,
             rank=ctx.rank,
             world_size=ctx.world_size,
             val_size=val_size,
             max_size=max_size,
             on_bad_image="skip",
+            **loader_options,
         )
         return dataset_detections(detector, loader, ctx, topk=topk), ctx.is_main
     finally:

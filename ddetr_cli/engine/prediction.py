@@ -115,6 +115,7 @@ def predict(
     device: str | None = None,
     imgsz: int | None = None,
     amp: str = "off",
+    max_pixels: int | None = None,
 ) -> list[dict]:
     """Run `weights` on every image under `sources`; write `out` (and pictures to `save_vis`)."""
     if not sources:
@@ -151,6 +152,7 @@ def predict(
         workers=workers,
         val_size=val_size,
         max_size=max_size,
+        **({} if max_pixels is None else {"max_pixels": max_pixels}),
     )
 
     results: list[dict] = []

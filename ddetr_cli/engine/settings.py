@@ -39,6 +39,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "amp": "off",
     "label_mapping": "compact",
+    "max_pixels": None,  # the loader's default pixel budget per image (8000 x 8000)
 }
 MODEL_OPTIONS = (
     "backbone",
@@ -55,7 +56,7 @@ MODEL_OPTIONS = (
     "pretrained_backbone",
 )
 # Settings a resumed run may change; everything else comes from the checkpoint.
-RESUME_OVERRIDABLE = ("epochs", "eval_interval", "log_interval", "workers")
+RESUME_OVERRIDABLE = ("epochs", "eval_interval", "log_interval", "workers", "max_pixels")
 # train() arguments that are no settings of the run: where it runs, where runs live, how they are named.
 RESUME_ALSO_FREE = ("device", "resume", "project", "name", "exist_ok")
 

@@ -151,6 +151,7 @@ def train(
     eval_interval: int | None = None,
     log_interval: int | None = None,
     label_mapping: str | None = None,
+    max_pixels: int | None = None,
     preset: str | None = None,
     project: str | Path = "runs/train",
     name: str = "exp",
@@ -301,6 +302,8 @@ class _Trainer:
 
         s = self.s
         kwargs = {"max_size": s["max_size"], "val_size": s["val_size"]}
+        if s["max_pixels"] is not None:
+            kwargs["max_pixels"] = s["max_pixels"]
         if train:
             kwargs["crop_prob"] = s["crop_prob"]
             for key in ("scales", "crop_resize", "crop_size"):
