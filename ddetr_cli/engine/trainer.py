@@ -22,22 +22,15 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ddetr_cli.console import UserError, console, info, progress, warn
 from ddetr_cli.distributed import any_rank
-from ddetr_cli.engine.settings import (
-    RESUME_ALSO_FREE,
-    RESUME_AUTO,
-    RESUME_OVERRIDABLE,
-    TRAIN_DEFAULTS,
-    check_settings,
-    plain,
-    resolve_settings,
-)
+from ddetr_cli.engine.resume import resume_settings
+from ddetr_cli.engine.settings import plain, resolve_settings
+from ddetr_cli.engine.stop import StopRequest
 from ddetr_cli.runs import rng_state, set_rng_state, write_metrics_csv
 
 
@@ -54,66 +47,6 @@ class TrainResult:
     metrics: dict | None  # the last evaluation's metrics
     history: list[dict] = field(default_factory=list)
     interrupted: bool = False
-
-
-def load_training_checkpoint(path: Path) -> dict:
-    """A ddetr training checkpoint (weights_only), or a UserError saying why it cannot resume."""
-    from ddetr_cli.model.checkpoint import CheckpointError, read_file
-
-    if not path.is_file():
-        raise UserError(f"--resume: no such checkpoint: {path}")
-    try:
-        ckpt = read_file(path)
-    except CheckpointError as e:
-        raise UserError(f"--resume: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ddetr" or "optimizer" not in ckpt:
-        raise UserError(f"--resume: {path} is not a ddetr training checkpoint (use --weights to fine-tune)")
-    return ckpt
-
-
-def refuse_changes_on_resume(options: dict) -> None:
-    """--resume continues a run with its saved settings: any other setting given is a user error
-    (it would otherwise be ignored without a word); only RESUME_OVERRIDABLE ones and the device apply."""
-    free = {*RESUME_OVERRIDABLE, *RESUME_ALSO_FREE}
-    given = [k for k, v in options.items() if v is not None and k not in free]
-    if given:
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in (*RESUME_OVERRIDABLE, "device"))
-        raise UserError(
-            f"--{given[0].replace('_', '-')} cannot change when resuming (the run keeps its saved settings; "
-            f"a resumed run may change only {allowed}); start a new run or fine-tune with --weights"
-        )
-
-
-class _StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun shutting down, a cluster pre-empting the job): finish the
-    current iteration, save, exit. A second Ctrl-C aborts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals keep their default meaning
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.requested:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            warn(f"{name}: stopping after this iteration and saving (Ctrl-C again aborts without saving)")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        return False
 
 
 def train(
@@ -182,24 +115,8 @@ class _Trainer:
         if opts["resume"] is None:
             model_over, settings = resolve_settings(opts)
             return model_over, settings, None, opts["data"] or "synthetic"
-        refuse_changes_on_resume(opts)
-        path = opts["resume"]
-        if str(path) == RESUME_AUTO:
-            from ddetr_cli.runs import latest_checkpoint
-
-            path = latest_checkpoint(opts["project"])
-            if path is None:
-                raise UserError(f"--resume: no */weights/last.pt under {opts['project']}")
-        ckpt = load_training_checkpoint(Path(path))
-        saved = ckpt["train_args"]
-        # Settings added after the checkpoint was written take their defaults.
-        settings = {**TRAIN_DEFAULTS, **saved["settings"]}
-        for key in RESUME_OVERRIDABLE:
-            if opts.get(key) is not None:
-                settings[key] = opts[key]
-        check_settings(settings)
-        self.resume_path = Path(path)
-        return {}, settings, ckpt, saved["data"]
+        self.resume_path, ckpt, settings = resume_settings(opts)
+        return {}, settings, ckpt, ckpt["train_args"]["data"]
 
     def run(self) -> TrainResult:
         import torch
@@ -461,7 +378,7 @@ class _Trainer:
         s, ctx = self.s, self.ctx
         log_file = self._open_log() if ctx.is_main else None
         try:
-            with _StopRequest() as stop, progress(disable=not ctx.is_main) as bar:
+            with StopRequest() as stop, progress(disable=not ctx.is_main) as bar:
                 while self.epoch < s["epochs"]:
                     if self._train_epoch(bar, stop, log_file):
                         self._save_last()
