@@ -59,7 +59,8 @@ def command(
     ),
     simplify: bool = typer.Option(False, "--simplify", help="Run onnxsim on the graph (needs onnxsim)."),
 ) -> None:
-    from ddetr_cli.engine.export import export_onnx, parse_imgsz
+    from ddetr_cli.engine.export import export_onnx
+    from ddetr_cli.engine.inference import parse_imgsz
 
     if format != Format.onnx:
         raise UserError(f"--format {format.value} is not supported")

@@ -22,22 +22,9 @@ from pathlib import Path
 
 from ddetr_cli.benchmarking import device_name, percentile, synchronize
 from ddetr_cli.console import UserError, console, info, warn
+from ddetr_cli.engine.inference import parse_imgsz
 from ddetr_cli.engine.settings import variant_config
 from ddetr_cli.runs import write_json
-
-
-def parse_imgsz(text: str) -> tuple[int, int]:
-    """'800x1333' -> (800, 1333); '640' -> (640, 640)."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 32:
-        raise UserError(f"--imgsz must be HxW (e.g. 800x1333) with sides >= 32, got {text!r}")
-    return sizes[0], sizes[1]
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ddetr_cli.console import UserError
+from ddetr_cli.engine.inference import parse_imgsz
 from ddetr_cli.model.postprocess import topk_detections
 
 # ddetr's loaders normalise (pixel / 255 - MEAN) / STD (rust_loader/src/resample.rs).
@@ -79,20 +80,6 @@ def padding_mask(sizes: torch.Tensor, height, width) -> torch.Tensor:
 def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
     """mask [B, H, W] (True on padding, bottom/right) -> [B, 2] int64 valid (h, w)."""
     return torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], 1)
-
-
-def parse_imgsz(text: str) -> tuple[int, int]:
-    """'800x1066' -> (800, 1066); '640' -> (640, 640). UserError on anything else."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 32:
-        raise UserError(f"--imgsz must be HxW (e.g. 800x1066) with sides >= 32, got {text!r}")
-    return sizes[0], sizes[1]
 
 
 def require_onnx() -> None:

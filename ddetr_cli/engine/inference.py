@@ -38,6 +38,20 @@ def image_sizes(imgsz: int) -> tuple[int, int]:
     return imgsz, round(imgsz * MAX_SIZE_RATIO)
 
 
+def parse_imgsz(text: str) -> tuple[int, int]:
+    """--imgsz HxW: '800x1333' -> (800, 1333); '640' -> (640, 640). UserError on anything else."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 32:
+        raise UserError(f"--imgsz must be HxW (e.g. 800x1333) with sides >= 32, got {text!r}")
+    return sizes[0], sizes[1]
+
+
 def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
     """--imgsz when given, else the size the weights were trained/exported for, else 800."""
     if imgsz is not None:
