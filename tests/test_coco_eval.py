@@ -163,6 +163,10 @@ SMALL_DETECTIONS = [
 ]
 
 
+def small_index(backend: str = coco_eval.DEFAULT_BACKEND):
+    return coco_eval.index_ground_truth(validate_coco(copy.deepcopy(SMALL_GT), "small"), backend)
+
+
 def test_hotcoco_takes_every_file_pycocotools_takes(tmp_path, capfd):
     """Fields box evaluation never reads, in types hotcoco refuses (a text width, a text
     segmentation), a nameless category (per-class key: its id) and negative annotation ids."""
@@ -211,3 +215,59 @@ def test_negative_image_or_category_ids_are_evaluated_by_faster_coco_eval(tmp_pa
         coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, ORACLE), detections), expected
     )
     assert 0 < expected["AP"] < 1 and list(expected["per_class"]) == ["-1", "b"]
+
+
+GOOD = {"image_id": 1, "category_id": 2, "bbox": [1, 2.5, 3, 4], "score": 0.5}
+BAD_DETECTIONS = [
+    ([1, 2], "detection 5 is not an object"),
+    ({k: v for k, v in GOOD.items() if k != "score"}, "detection 5 has no 'score'"),
+    ({**GOOD, "image_id": 1.0}, "image_id must be an integer"),
+    ({**GOOD, "image_id": True}, "image_id must be an integer"),
+    ({**GOOD, "image_id": 7}, "image_id 7 is not an image of the ground truth"),
+    ({**GOOD, "category_id": True}, "category_id must be an integer"),
+    ({**GOOD, "category_id": [2]}, "category_id must be an integer"),
+    ({**GOOD, "bbox": [1, 2, 3]}, r"bbox must be \[x, y, width, height\] numbers"),
+    ({**GOOD, "bbox": [1, 2, "3", 4]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, -0.5]}, "negative width or height"),
+    ({**GOOD, "score": None}, "score must be a finite number"),
+    ({**GOOD, "score": float("inf")}, "score must be a finite number"),
+    ({**GOOD, "score": True}, "score must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_DETECTIONS)
+def test_a_malformed_detection_is_named(bad, message):
+    """The whole-column check never passes what the one-by-one check refuses; the error names
+    the first bad detection."""
+    gt = small_index()
+    detections = [GOOD] * 5 + [bad] + [{**GOOD, "score": "bad"}]
+    assert not coco_eval._all_well_formed(detections, {1, 2})
+    with pytest.raises(UserError, match=f"results.json: .*{message}"):
+        coco_eval.check_detections(detections, gt, "results.json")
+
+
+def test_well_formed_detections_unknown_categories_dropped(capfd):
+    gt = small_index()
+    detections = [
+        GOOD,
+        {**GOOD, "category_id": 1.0, "score": 1},
+        {**GOOD, "category_id": 5},
+        {**GOOD, "image_id": 2},
+    ]
+    assert coco_eval._all_well_formed(detections, {1, 2})
+    assert coco_eval.check_detections(detections, gt, "results.json") == [detections[i] for i in (0, 1, 3)]
+    assert "results.json: 1 detections have category ids not in the ground truth" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_result_fields_that_box_evaluation_overwrites_are_ignored(backend):
+    """pycocotools' loadRes sets a box result's id, area and iscrowd itself and never reads its
+    mask: such fields, even in types hotcoco refuses, change nothing."""
+    extra = [{"id": -1, "iscrowd": 1}, {"area": 1.0, "segmentation": "n/a"}, {"ignore": 1}, {}]
+    detections = [{**det, **fields} for det, fields in zip(SMALL_DETECTIONS, extra)]
+    expected = coco_eval.evaluate_detections(small_index(ORACLE), SMALL_DETECTIONS, ORACLE)
+    gt = small_index(backend)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, backend), expected)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, ORACLE), expected)
