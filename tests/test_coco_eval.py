@@ -1,10 +1,14 @@
-"""Evaluation backends: faster-coco-eval (the default) gives pycocotools' numbers (the oracle) on a
-realistic ground truth: crowd boxes, empty images, non-contiguous category ids, one category
-without ground truth, tied scores, a few hundred images and a detections file of middling AP."""
+"""Evaluation backends: hotcoco (the default) and faster-coco-eval give pycocotools' numbers (the
+oracle) to 1e-9 on a realistic ground truth: crowd boxes, empty images, detections on images
+without ground truth, non-contiguous category ids listed out of order, one category without ground
+truth, mask areas smaller than the boxes, polygons and RLE, tied scores, a few hundred images and a
+detections file of middling AP; also when the evaluation is restricted to some images."""
 
 from __future__ import annotations
 
 import copy
+import json
+import random
 
 import pytest
 
@@ -13,39 +17,89 @@ from ddetr_cli.annotations import validate_coco
 from ddetr_cli.console import UserError
 from ddetr_cli.eval_synth import synthetic_evaluation
 
+ORACLE = "pycocotools"
+FAST_BACKENDS = [b for b in coco_eval.BACKENDS if b != ORACLE]
+
 
 @pytest.fixture(scope="module")
 def realistic():
+    """(validated ground-truth dict, detections) shaped like COCO's val set: `area` is a mask's
+    area (below the box's), boxes carry a polygon, crowds an RLE, categories are out of order."""
     gt, detections = synthetic_evaluation(300, detections_per_image=40, seed=3)
+    rng = random.Random(3)
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["area"] = round(w * h * rng.uniform(0.4, 1.0), 2)
+        if ann["iscrowd"]:
+            ann["segmentation"] = {"counts": [int(x), int(w * h), 10], "size": [2000, 2000]}
+        else:
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    gt["categories"].reverse()
     return validate_coco(gt, "synthetic"), detections
 
 
-def test_the_ground_truth_is_realistic(realistic):
+@pytest.fixture(scope="module")
+def oracle(realistic):
+    gt, detections = realistic
+    return coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, ORACLE), detections, ORACLE)
+
+
+def assert_same_metrics(metrics: dict, expected: dict) -> None:
+    """The 12 numbers and the per-class AP (same classes, same order) agree to 1e-9."""
+    for name in coco_eval.STAT_NAMES:
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-9), name
+    assert list(metrics["per_class"]) == list(expected["per_class"])
+    for name, value in expected["per_class"].items():
+        assert metrics["per_class"][name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_the_ground_truth_is_realistic(realistic, oracle):
     gt, detections = realistic
     annotated = {a["image_id"] for a in gt["annotations"]}
     assert len(gt["images"]) - len(annotated) >= 10  # empty images
+    assert len({d["image_id"] for d in detections} - annotated) >= 10  # detections there too
     assert sum(a["iscrowd"] for a in gt["annotations"]) >= 20  # crowd boxes
-    assert [c["id"] for c in gt["categories"]] == [1, 3, 7, 12, 40, 41, 90]
+    assert [c["id"] for c in gt["categories"]] == [90, 41, 40, 12, 7, 3, 1]
     scores = [d["score"] for d in detections]
     assert len(set(scores)) < len(scores) / 5  # many tied scores
-
-
-def test_backends_agree_to_1e_9(realistic):
-    gt, detections = realistic
-    results = {
-        backend: coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, backend), detections, backend)
-        for backend in coco_eval.BACKENDS
-    }
-    faster, oracle = results["faster"], results["pycocotools"]
     assert 0.1 < oracle["AP"] < 0.9  # neither empty nor perfect
-    for name in coco_eval.STAT_NAMES:
-        assert faster[name] == pytest.approx(oracle[name], abs=1e-9), name
-        assert 0 <= oracle[name] <= 1, name
-    assert list(faster["per_class"]) == list(oracle["per_class"])
-    for name, value in oracle["per_class"].items():
-        assert faster["per_class"][name] == pytest.approx(value, abs=1e-9), name
+    assert all(0 <= oracle[name] <= 1 for name in coco_eval.STAT_NAMES)
+    assert list(oracle["per_class"]) == [f"class{c}" for c in (1, 3, 7, 12, 40, 41, 90)]  # id order
     assert oracle["per_class"]["class41"] == -1  # a category without ground truth
     assert sum(v > 0 for v in oracle["per_class"].values()) == 6
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_backend_agrees_with_pycocotools_to_1e_9(realistic, oracle, backend):
+    gt, detections = realistic
+    index = coco_eval.index_ground_truth(gt, backend)
+    assert isinstance(index, coco_eval._api(backend)[0])
+    assert_same_metrics(coco_eval.evaluate_detections(index, detections, backend), oracle)
+
+
+@pytest.mark.parametrize("backend", coco_eval.BACKENDS)
+def test_image_ids_restrict_the_evaluation_to_those_images(realistic, oracle, backend):
+    """Evaluating some images (those a model could read) scores as if the others did not exist:
+    their ground truth is not missed and their detections are not false positives."""
+    gt, detections = realistic
+    annotated = {a["image_id"] for a in gt["annotations"]}
+    image_ids = [image["id"] for image in gt["images"][::3]]
+    assert len(set(image_ids) - annotated) >= 3  # some empty images among them
+    kept = set(image_ids)
+    subset = {
+        "images": [image for image in gt["images"] if image["id"] in kept],
+        "categories": gt["categories"],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
+    }
+    subset_detections = [d for d in detections if d["image_id"] in kept]
+    expected = coco_eval.evaluate_detections(
+        coco_eval.index_ground_truth(subset, ORACLE), subset_detections, ORACLE
+    )
+
+    index = coco_eval.index_ground_truth(gt, backend)
+    restricted = coco_eval.evaluate_detections(index, detections, backend, image_ids=image_ids[::-1])
+    assert_same_metrics(restricted, expected)
+    assert restricted["AP"] != pytest.approx(oracle["AP"], abs=1e-4)
 
 
 def test_empty_results_and_empty_ground_truth(realistic):
@@ -60,29 +114,160 @@ def test_empty_results_and_empty_ground_truth(realistic):
         assert all(metrics[name] == -1 for name in coco_eval.STAT_NAMES), backend
 
 
-def test_ground_truth_of_either_library_and_detections_untouched(realistic):
+@pytest.mark.parametrize(
+    "indexed_by, evaluated_by", [(ORACLE, coco_eval.DEFAULT_BACKEND), ("hotcoco", ORACLE)]
+)
+def test_ground_truth_of_any_library_and_detections_untouched(realistic, indexed_by, evaluated_by):
     gt, detections = realistic
     some = detections[:4000]
     before = copy.deepcopy(some)
-    pycoco_gt = coco_eval.index_ground_truth(gt, "pycocotools")
-    default = coco_eval.evaluate_detections(pycoco_gt, some)  # re-indexed for the default backend
-    oracle = coco_eval.evaluate_detections(pycoco_gt, some, backend="pycocotools")
+    index = coco_eval.index_ground_truth(gt, indexed_by)
+    other = coco_eval.evaluate_detections(index, some, evaluated_by)  # re-indexed for its library
+    same = coco_eval.evaluate_detections(index, some, indexed_by)
     assert some == before
-    for name in coco_eval.STAT_NAMES:
-        assert default[name] == pytest.approx(oracle[name], abs=1e-9)
+    assert_same_metrics(other, same)
 
 
 def test_default_backend_and_unknown_backend(realistic):
-    assert coco_eval.BACKENDS[0] == coco_eval.DEFAULT_BACKEND == "faster"
-    with pytest.raises(UserError, match="unknown evaluation backend 'fast'.*faster, pycocotools"):
+    assert coco_eval.BACKENDS[0] == coco_eval.DEFAULT_BACKEND == "hotcoco"
+    assert isinstance(coco_eval.index_ground_truth(realistic[0]), coco_eval._api("hotcoco")[0])
+    with pytest.raises(UserError, match="unknown evaluation backend 'fast'.*hotcoco, faster, pycocotools"):
         coco_eval.evaluate_detections(coco_eval.index_ground_truth(realistic[0]), [], backend="fast")
 
 
-def test_a_ground_truth_index_can_be_reused(realistic):
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_ground_truth_index_can_be_reused(realistic, backend):
     """Training evaluates every epoch against one cached index: evaluations must not leave state."""
     gt, detections = realistic
-    index = coco_eval.index_ground_truth(gt)
-    first = coco_eval.evaluate_detections(index, detections[:3000])
-    other = coco_eval.evaluate_detections(index, detections[3000:9000])
-    again = coco_eval.evaluate_detections(index, detections[:3000])
+    index = coco_eval.index_ground_truth(gt, backend)
+    first = coco_eval.evaluate_detections(index, detections[:3000], backend)
+    other = coco_eval.evaluate_detections(index, detections[3000:9000], backend)
+    again = coco_eval.evaluate_detections(index, detections[:3000], backend)
     assert again == first and other != first
+
+
+SMALL_GT = {
+    "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+    "categories": [{"id": 1}, {"id": 2, "name": "b"}],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [20, 20, 30, 30], "iscrowd": 1},
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [5, 5, 40, 20]},
+    ],
+}
+SMALL_DETECTIONS = [
+    {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 9], "score": 0.9},
+    {"image_id": 1, "category_id": 2, "bbox": [22, 20, 10, 10], "score": 0.8},
+    {"image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 20], "score": 0.8},
+    {"image_id": 2, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.7},
+]
+
+
+def small_index(backend: str = coco_eval.DEFAULT_BACKEND):
+    return coco_eval.index_ground_truth(validate_coco(copy.deepcopy(SMALL_GT), "small"), backend)
+
+
+def test_hotcoco_takes_every_file_pycocotools_takes(tmp_path, capfd):
+    """Fields box evaluation never reads, in types hotcoco refuses (a text width, a text
+    segmentation), a nameless category (per-class key: its id) and negative annotation ids."""
+    gt = copy.deepcopy(SMALL_GT)
+    gt["images"][0]["width"] = "640px"
+    gt["annotations"][0]["segmentation"] = "n/a"
+    for ann in gt["annotations"]:
+        ann["id"] = -ann["id"]
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(gt))
+    expected = coco_eval.evaluate_detections(
+        coco_eval.load_ground_truth(path, ORACLE), SMALL_DETECTIONS, ORACLE
+    )
+    metrics = coco_eval.evaluate_detections(coco_eval.load_ground_truth(path), SMALL_DETECTIONS)
+    assert_same_metrics(metrics, expected)
+    assert list(metrics["per_class"]) == ["1", "b"] and 0 < metrics["AP"] < 1
+    assert capfd.readouterr().err == ""
+
+
+def test_negative_image_or_category_ids_are_evaluated_by_faster_coco_eval(tmp_path, capfd):
+    """hotcoco takes ids >= 0 only: such a file is evaluated by faster-coco-eval, said once."""
+    image, category = {1: 1, 2: -2}, {1: -1, 2: 2}
+    gt = {
+        "images": [{**e, "id": image[e["id"]]} for e in SMALL_GT["images"]],
+        "categories": [{**e, "id": category[e["id"]]} for e in SMALL_GT["categories"]],
+        "annotations": [
+            {**e, "image_id": image[e["image_id"]], "category_id": category[e["category_id"]]}
+            for e in SMALL_GT["annotations"]
+        ],
+    }
+    detections = [
+        {**e, "image_id": image[e["image_id"]], "category_id": category[e["category_id"]]}
+        for e in SMALL_DETECTIONS
+    ]
+    path = tmp_path / "negative.json"
+    path.write_text(json.dumps(gt))
+    expected = coco_eval.evaluate_detections(coco_eval.load_ground_truth(path, ORACLE), detections, ORACLE)
+    index = coco_eval.load_ground_truth(path)
+    assert "negative image or category ids" in capfd.readouterr().err
+    assert isinstance(index, coco_eval._api("faster")[0])
+    assert coco_eval.backend_for(gt, "hotcoco") == "faster" and coco_eval.backend_for(gt, ORACLE) == ORACLE
+    for _ in range(2):  # the faster-coco-eval index is used as it is, quietly
+        assert_same_metrics(coco_eval.evaluate_detections(index, detections), expected)
+        assert capfd.readouterr().err == ""
+    assert_same_metrics(
+        coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, ORACLE), detections), expected
+    )
+    assert 0 < expected["AP"] < 1 and list(expected["per_class"]) == ["-1", "b"]
+
+
+GOOD = {"image_id": 1, "category_id": 2, "bbox": [1, 2.5, 3, 4], "score": 0.5}
+BAD_DETECTIONS = [
+    ([1, 2], "detection 5 is not an object"),
+    ({k: v for k, v in GOOD.items() if k != "score"}, "detection 5 has no 'score'"),
+    ({**GOOD, "image_id": 1.0}, "image_id must be an integer"),
+    ({**GOOD, "image_id": True}, "image_id must be an integer"),
+    ({**GOOD, "image_id": 7}, "image_id 7 is not an image of the ground truth"),
+    ({**GOOD, "category_id": True}, "category_id must be an integer"),
+    ({**GOOD, "category_id": [2]}, "category_id must be an integer"),
+    ({**GOOD, "bbox": [1, 2, 3]}, r"bbox must be \[x, y, width, height\] numbers"),
+    ({**GOOD, "bbox": [1, 2, "3", 4]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, "bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, -0.5]}, "negative width or height"),
+    ({**GOOD, "score": None}, "score must be a finite number"),
+    ({**GOOD, "score": float("inf")}, "score must be a finite number"),
+    ({**GOOD, "score": True}, "score must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_DETECTIONS)
+def test_a_malformed_detection_is_named(bad, message):
+    """The whole-column check never passes what the one-by-one check refuses; the error names
+    the first bad detection."""
+    gt = small_index()
+    detections = [GOOD] * 5 + [bad] + [{**GOOD, "score": "bad"}]
+    assert not coco_eval._all_well_formed(detections, {1, 2})
+    with pytest.raises(UserError, match=f"results.json: .*{message}"):
+        coco_eval.check_detections(detections, gt, "results.json")
+
+
+def test_well_formed_detections_unknown_categories_dropped(capfd):
+    gt = small_index()
+    detections = [
+        GOOD,
+        {**GOOD, "category_id": 1.0, "score": 1},
+        {**GOOD, "category_id": 5},
+        {**GOOD, "image_id": 2},
+    ]
+    assert coco_eval._all_well_formed(detections, {1, 2})
+    assert coco_eval.check_detections(detections, gt, "results.json") == [detections[i] for i in (0, 1, 3)]
+    assert "results.json: 1 detections have category ids not in the ground truth" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_result_fields_that_box_evaluation_overwrites_are_ignored(backend):
+    """pycocotools' loadRes sets a box result's id, area and iscrowd itself and never reads its
+    mask: such fields, even in types hotcoco refuses, change nothing."""
+    extra = [{"id": -1, "iscrowd": 1}, {"area": 1.0, "segmentation": "n/a"}, {"ignore": 1}, {}]
+    detections = [{**det, **fields} for det, fields in zip(SMALL_DETECTIONS, extra)]
+    expected = coco_eval.evaluate_detections(small_index(ORACLE), SMALL_DETECTIONS, ORACLE)
+    gt = small_index(backend)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, backend), expected)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, ORACLE), expected)

@@ -25,7 +25,7 @@ from ddetr_cli.engine.evaluation import evaluate
 
 HELP = (
     "Evaluate a model, or an existing COCO results file, on a COCO-format split: the 12 COCO "
-    "numbers (COCOeval: faster-coco-eval, or --backend pycocotools), per-class AP, metrics.json and "
+    "numbers (COCOeval: hotcoco, or --backend faster / pycocotools), per-class AP, metrics.json and "
     "optionally the detections."
 )
 EXAMPLES = [
@@ -61,7 +61,9 @@ def command(
     amp: Amp = AMP_OPTION,
     topk: int = typer.Option(100, "--topk", min=1, help="Detections kept per image (COCO scores 100)."),
     backend: str = typer.Option(
-        "faster", "--backend", help="COCO evaluator: faster (faster-coco-eval) or pycocotools; same numbers."
+        "hotcoco",
+        "--backend",
+        help="COCO evaluator: hotcoco (Rust), faster (faster-coco-eval) or pycocotools; same numbers.",
     ),
     max_pixels: Optional[int] = MAX_PIXELS_OPTION,
 ) -> None:

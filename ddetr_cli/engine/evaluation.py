@@ -47,7 +47,7 @@ def evaluate(
 
     Writes `out` (metrics JSON) and `save_detections` (COCO results) when given; returns the metrics.
     Under torchrun the images are sharded and the detections gathered; rank 0 writes. `backend`:
-    the COCO evaluator (`coco_eval.BACKENDS`; default faster-coco-eval, same numbers as pycocotools).
+    the COCO evaluator (`coco_eval.BACKENDS`; default hotcoco, same numbers as pycocotools).
     """
     from ddetr_cli import coco_eval
     from ddetr_cli.datasets import resolve_split
