@@ -195,7 +195,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_old_last_pt(synthetic_coco, 
     def save_then_die(obj, f, *args, **kwargs):
         calls["n"] += 1
         real_save(obj, f, *args, **kwargs)
-        if calls["n"] == 3:  # epoch 1 wrote last.pt and best.pt; die half-way through epoch 2's last.pt
+        # epoch 1 wrote last.pt before evaluating, then last.pt and best.pt with the metrics;
+        # die half-way through epoch 2's last.pt
+        if calls["n"] == 4:
             f.truncate(f.tell() // 3)
             raise OSError(28, "No space left on device")
 
