@@ -228,44 +228,36 @@ template <typename scalar_t, int kD>
 void forward_kernel(const at::Tensor& value, const std::vector<Level>& levels, const at::Tensor& locations,
                     const at::Tensor& weights, at::Tensor& out, const Sizes& s) {
   using acc_t = at::opmath_type<scalar_t>;
-  using TapsT = Taps<scalar_t, acc_t>;
   const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
   const acc_t* loc_ptr = locations.const_data_ptr<acc_t>();
   const acc_t* attn_ptr = weights.const_data_ptr<acc_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   const int64_t D = channel_count<kD>(s), M = s.heads, LK = s.levels * s.points;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t)), acc_size = sizeof(acc_t);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   const std::vector<scalar_t> zeros(D, scalar_t(0));
-  constexpr int64_t kInputsAhead = 8;  // queries between prefetching a query's inputs and reading them
 
-  // Head by head, the threads splitting the queries.
-  for (int64_t b = 0; b < s.batch; ++b) {
-    for (int64_t m = 0; m < M; ++m) {
-      const scalar_t* value_bm = value_ptr + b * s.spatial * M * D + m * D;
-      at::parallel_for(0, s.queries, 256, [&](int64_t begin, int64_t end) {
-        std::vector<TapsT> current(LK), next(LK);
-        auto make = [&](int64_t q, TapsT* taps) {
-          const int64_t bqm = (b * s.queries + q) * M + m, ahead = bqm + kInputsAhead * M;
-          if (q + kInputsAhead < end) {
-            prefetch(loc_ptr + 2 * ahead * LK, 2 * LK * acc_size);
-            prefetch(attn_ptr + ahead * LK, LK * acc_size);
-          }
-          return make_taps(value_bm, levels, loc_ptr + 2 * bqm * LK, attn_ptr + bqm * LK, zeros.data(), M * D,
-                           s.points, row_bytes, taps);
-        };
-        ChannelRow<scalar_t, kD> acc(D);
-        int64_t count = make(begin, current.data());
-        for (int64_t q = begin; q < end; ++q) {
-          const int64_t next_count = q + 1 < end ? make(q + 1, next.data()) : 0;
-          acc.zero();
-          for (int64_t p = 0; p < count; ++p) acc.add(current[p]);
-          acc.store(out_ptr + ((b * s.queries + q) * M + m) * D);
-          std::swap(current, next);
-          count = next_count;
-        }
-      });
+  // One task = one (batch, query) pair: all its heads' outputs are written by that task only. The
+  // (batch, query, head) rows are visited in memory order, so sampling_locations and
+  // attention_weights are read as one stream; the taps of the next row are made (and the value
+  // rows they sample prefetched) before the current row is gathered.
+  at::parallel_for(0, s.batch * s.queries, 16, [&](int64_t begin, int64_t end) {
+    std::vector<Taps<scalar_t, acc_t>> current(LK), next(LK);
+    auto make = [&](int64_t bqm, Taps<scalar_t, acc_t>* taps) {
+      const int64_t b = bqm / (s.queries * M), m = bqm % M;
+      return make_taps(value_ptr + b * s.spatial * M * D + m * D, levels, loc_ptr + 2 * bqm * LK,
+                       attn_ptr + bqm * LK, zeros.data(), M * D, s.points, row_bytes, taps);
+    };
+    ChannelRow<scalar_t, kD> acc(D);
+    int64_t count = make(begin * M, current.data());
+    for (int64_t bqm = begin * M; bqm < end * M; ++bqm) {
+      const int64_t next_count = bqm + 1 < end * M ? make(bqm + 1, next.data()) : 0;
+      acc.zero();
+      for (int64_t p = 0; p < count; ++p) acc.add(current[p]);
+      acc.store(out_ptr + bqm * D);
+      std::swap(current, next);
+      count = next_count;
     }
-  }
+  });
 }
 
 // ---- Backward ----
