@@ -321,24 +321,29 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const 
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t)), acc_size = sizeof(acc_t);
   constexpr int64_t kInputsAhead = 8;  // queries between prefetching a query's inputs and reading them
 
-  // One task = one (batch, head): the grad_value rows it scatters into (that head's channels of
-  // every pixel) belong to it alone, so there are no races and no atomics, and all tasks have the
-  // same Q*L*K points. Each task zeroes its rows first (grad_value comes uninitialised): in
-  // parallel, and they are then in cache.
+  // Tasks are (batch, head) pairs, and each thread takes a contiguous range of them: the grad_value
+  // rows a head scatters into (its channels of every pixel) belong to that head alone, so there
+  // are no races and no atomics, and all heads have the same Q*L*K points. A thread zeroes its
+  // rows first (grad_value comes uninitialised): in parallel, and they are then in cache. It then
+  // visits its (query, head) rows in memory order, so the per-query inputs are read as streams,
+  // making the footprints of the next row (and prefetching its rows) before the current one.
   at::parallel_for(0, s.batch * M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Footprint<acc_t>> fps(2 * LK);  // footprints of queries q and q + 1
+    std::vector<Footprint<acc_t>> fps(2 * LK);  // footprints of the current and the next row
     std::unique_ptr<bool[]> touches(new bool[2 * LK]);
     ChannelRow<scalar_t, kD> g(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t m = task % M, b = task / M;
-      const scalar_t* value_bm = value_ptr + b * s.spatial * row + m * D;
-      acc_t* grad_bm = gv_ptr + b * s.spatial * row + m * D;
+    for (int64_t b = begin / M; b <= (end - 1) / M; ++b) {
+      const int64_t m_begin = std::max(begin - b * M, int64_t(0)), m_end = std::min(end - b * M, M);
+      const int64_t heads = m_end - m_begin;
+      const scalar_t* value_b = value_ptr + b * s.spatial * row;
+      acc_t* grad_b = gv_ptr + b * s.spatial * row;
       for (int64_t pixel = 0; pixel < s.spatial; ++pixel) {
-        std::fill(grad_bm + pixel * row, grad_bm + pixel * row + D, acc_t(0));
+        std::fill(grad_b + pixel * row + m_begin * D, grad_b + pixel * row + m_end * D, acc_t(0));
       }
-      auto make = [&](int64_t q) {
-        const int64_t bqm = (b * s.queries + q) * M + m, slot = (q & 1) * LK;
-        if (q + kInputsAhead < s.queries) {
+      // Row r of this batch's walk is (query r / heads, head m_begin + r % heads).
+      auto bqm_of = [&](int64_t r) { return (b * s.queries + r / heads) * M + m_begin + r % heads; };
+      auto make = [&](int64_t r) {
+        const int64_t bqm = bqm_of(r), m = bqm % M, slot = (r & 1) * LK;
+        if (r + kInputsAhead * heads < s.queries * heads) {
           const int64_t ahead = bqm + kInputsAhead * M;
           prefetch(loc_ptr + 2 * ahead * LK, 2 * LK * acc_size);
           prefetch(attn_ptr + ahead * LK, LK * acc_size);
@@ -346,15 +351,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const 
           prefetch(gl_ptr + 2 * ahead * LK, 2 * LK * acc_size);
           prefetch(ga_ptr + ahead * LK, LK * acc_size);
         }
-        make_footprints(value_bm, grad_bm, levels, loc_ptr + 2 * bqm * LK, row, s.points, row_bytes, &fps[slot],
-                        &touches[slot]);
+        make_footprints(value_b + m * D, grad_b + m * D, levels, loc_ptr + 2 * bqm * LK, row, s.points, row_bytes,
+                        &fps[slot], &touches[slot]);
       };
       make(0);
-      for (int64_t q = 0; q < s.queries; ++q) {
-        if (q + 1 < s.queries) make(q + 1);
-        const int64_t bqm = (b * s.queries + q) * M + m, slot = (q & 1) * LK;
+      for (int64_t r = 0; r < s.queries * heads; ++r) {
+        if (r + 1 < s.queries * heads) make(r + 1);
+        const int64_t bqm = bqm_of(r), m = bqm % M, slot = (r & 1) * LK;
         g.load(g_ptr + bqm * D);
-        backward_query(g, value_bm, grad_bm, levels, &fps[slot], &touches[slot], attn_ptr + bqm * LK,
+        backward_query(g, value_b + m * D, grad_b + m * D, levels, &fps[slot], &touches[slot], attn_ptr + bqm * LK,
                        gl_ptr + 2 * bqm * LK, ga_ptr + bqm * LK, row, s.points);
       }
     }
