@@ -9,19 +9,19 @@
 // one head at one pixel are contiguous. Both kernels are organised so the innermost loop runs
 // over those D channels: it vectorises, and each corner gather reads one contiguous run.
 //
-// What the speed comes from (BENCHMARKS.md has the figures): work goes head by head, so the rows
-// being sampled are 1/M of `value` and stay in cache; each query's footprints are computed one
-// query ahead and their rows prefetched, and the per-query inputs (read with a stride of M*L*K
-// elements, which the hardware prefetchers do not follow) a few queries ahead; for float rows of
-// 8n channels (the model's D = 32) the channel loops run on explicit 8-lane vectors held in
-// registers; the backward needs no atomics (one task per head) and no memset passes.
+// What the speed comes from (BENCHMARKS.md has the figures): the (batch, query, head) rows are
+// walked in memory order, so the per-query inputs are read as streams; the footprints of the next
+// row are computed, and the value / grad_value rows they touch prefetched, before the current row
+// is processed (the sampled rows are scattered, which the hardware prefetchers cannot follow);
+// for float rows of 8n channels (the model's D = 32) the channel loops run on explicit 8-lane
+// vectors held in registers; the backward needs no atomics (a head's grad_value rows belong to
+// one thread) and no memset passes over its outputs.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -354,7 +354,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const 
         make_footprints(value_b + m * D, grad_b + m * D, levels, loc_ptr + 2 * bqm * LK, row, s.points, row_bytes,
                         &fps[slot], &touches[slot]);
       };
-      make(0);
+      if (s.queries > 0) make(0);
       for (int64_t r = 0; r < s.queries * heads; ++r) {
         if (r + 1 < s.queries * heads) make(r + 1);
         const int64_t bqm = bqm_of(r), m = bqm % M, slot = (r & 1) * LK;
