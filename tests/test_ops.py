@@ -56,6 +56,34 @@ def test_batch_sizes(batch):
     )
 
 
+@pytest.mark.parametrize("channels", [16, 64, 12])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_channel_counts_and_thread_splits(channels, threads):
+    """The kernels compiled for D = 16/32/64 (8-lane vectors for float) and for any D (12), with the
+    backward's heads split over 1 or 3 threads (a thread's range then starts mid-batch)."""
+    shape = OpShape("d", ((9, 11), (5, 6), (3, 3)), queries=37, batch=3, heads=4, channels=channels, points=3)
+    inputs = make_inputs(shape, torch.float32, seed=channels)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = outputs_and_grads(kernel, inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+def test_pixels_in_no_level_get_zero_gradient():
+    """value may hold pixels after the last level (S > sum H*W): the output ignores them and their
+    gradient is exactly zero (the backward's outputs start uninitialised)."""
+    value, shapes, starts, loc, attn = make_inputs(REDUCED, torch.float32)
+    padded = torch.cat([value, torch.full_like(value[:, :7], float("nan"))], dim=1)
+    out, grad_value, grad_loc, grad_attn = outputs_and_grads(kernel, (padded, shapes, starts, loc, attn))
+    expected = outputs_and_grads(kernel, (value, shapes, starts, loc, attn))
+    torch.testing.assert_close(grad_value[:, -7:], torch.zeros_like(grad_value[:, -7:]), rtol=0, atol=0)
+    for a, e in zip((out, grad_value[:, :-7], grad_loc, grad_attn), expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_edge_locations_borders_outside_and_1x1_levels():
     """Points on the [0, 1] borders, exactly one pixel outside (pixel coordinate -1 or H, where only
     the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes."""

@@ -5,10 +5,12 @@ Python API:
     bench_op_report(shapes=("encoder", "decoder"), batches=(1, 2), dtypes=None, device=None,
                     backends=None, warmup=1, repeats=5, backward=True) -> report dict
 
-Timing: `warmup` untimed calls, then the median of `repeats` timed ones, with a CUDA synchronise
-before each clock read. "forward" runs under no_grad (inference); "fwd+bwd" is a forward with
-gradients followed by the backward for value, sampling locations and attention weights. Speed-ups
-are against the reference at the same shape, batch and dtype, measured in the same run.
+Timing: `warmup` untimed rounds, then the median of `repeats` timed ones; a round times every
+backend once in turn (interleaved, so that a shared machine's load drifts hit all backends alike),
+with a CUDA synchronise before each clock read. "forward" runs under no_grad (inference);
+"fwd+bwd" is a forward with gradients followed by the backward for value, sampling locations and
+attention weights. Speed-ups are against the reference at the same shape, batch and dtype,
+measured in the same run.
 """
 
 # Typer evaluates the annotations at run time: Optional[...] keeps the commands working on Python 3.9.
@@ -21,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.benchmarking import device_name, median_ms
+from ddetr_cli.benchmarking import device_name
 from ddetr_cli.console import UserError, console, info
 
 EXAMPLES = [
@@ -45,22 +47,39 @@ def _op_for(backend: str):
     return ops.ms_deform_attn_reference if backend == "reference" else torch.ops.ddetr.ms_deform_attn_forward
 
 
-def _time_backend(op, inputs, device, warmup: int, repeats: int, backward: bool) -> dict:
-    """{"forward_ms"[, "forward_backward_ms"]} of `op` on `inputs`."""
+def _time_backends(backends: list[str], inputs, device, warmup: int, repeats: int, backward: bool) -> dict:
+    """{backend: {"forward_ms"[, "forward_backward_ms"]}}: medians over `repeats` rounds, each round
+    timing every backend once in turn, so that a shared machine's changing load hits all alike."""
+    import statistics
+    import time
+
     import torch
 
+    from ddetr_cli.benchmarking import synchronize
+
     value, spatial, starts, loc, attn = inputs
-    with torch.no_grad():
-        times = {"forward_ms": median_ms(lambda: op(*inputs), device, warmup, repeats)}
-    if backward:
-        leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+    leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
 
-        def step():
-            out = op(leaves[0], spatial, starts, leaves[1], leaves[2])
-            torch.autograd.grad(out, leaves, torch.ones_like(out))
+    def forward(op):
+        with torch.no_grad():
+            op(*inputs)
 
-        times["forward_backward_ms"] = median_ms(step, device, warmup, repeats)
-    return times
+    def forward_backward(op):
+        out = op(leaves[0], spatial, starts, leaves[1], leaves[2])
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    steps = {"forward_ms": forward} | ({"forward_backward_ms": forward_backward} if backward else {})
+    times = {b: {key: [] for key in steps} for b in backends}
+    for round_ in range(warmup + repeats):
+        for backend in backends:
+            for key, step in steps.items():
+                synchronize(device)
+                start = time.perf_counter()
+                step(_op_for(backend))
+                synchronize(device)
+                if round_ >= warmup:
+                    times[backend][key].append(time.perf_counter() - start)
+    return {b: {key: statistics.median(t) * 1e3 for key, t in by_key.items()} for b, by_key in times.items()}
 
 
 def available_backends(device) -> list[str]:
@@ -115,11 +134,12 @@ def bench_op_report(
                 dtype = getattr(torch, dtype_name)
                 inputs = make_inputs(shape, dtype, device=dev)
                 baseline = {}
+                info(f"{shape.name} batch {batch} {dtype_name}: {', '.join(chosen)}...")
+                timings = _time_backends(chosen, inputs, dev, warmup, repeats, backward)
                 for backend in chosen:
-                    info(f"{shape.name} batch {batch} {dtype_name} {backend}...")
                     row = {"shape": shape.name, "batch": batch, "queries": shape.queries, "dtype": dtype_name}
                     row["backend"] = backend
-                    row.update(_time_backend(_op_for(backend), inputs, dev, warmup, repeats, backward))
+                    row.update(timings[backend])
                     for key in ("forward_ms", "forward_backward_ms"):
                         if key not in row:
                             continue
