@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP
+from ddetr_cli.commands.options import AMP_OPTION, DEVICE_OPTION, HUB_HELP, ONNX_HELP
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.benchmark import bench
 from ddetr_cli.engine.settings import resolve_settings
@@ -34,7 +34,10 @@ EXAMPLES = [
 def command(
     ctx: typer.Context,
     weights: Optional[Path] = typer.Option(
-        None, "--weights", "-w", help="Checkpoint to benchmark: a local file or folder" + HUB_HELP
+        None,
+        "--weights",
+        "-w",
+        help="Checkpoint to benchmark: a local file or folder" + HUB_HELP + ONNX_HELP,
     ),
     variant: str = typer.Option(
         "plain", "--variant", help="Without --weights: a random-weight model, plain, box-refine or two-stage."

@@ -19,6 +19,7 @@ from ddetr_cli.commands.options import (
     HUB_HELP,
     INFERENCE_IMGSZ_OPTION,
     MAX_PIXELS_OPTION,
+    ONNX_HELP,
 )
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.evaluation import evaluate
@@ -39,7 +40,10 @@ EXAMPLES = [
 
 def command(
     weights: Optional[Path] = typer.Option(
-        None, "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, Hugging Face folder" + HUB_HELP
+        None,
+        "--weights",
+        "-w",
+        help="Checkpoint: ddetr .pt, official .pth, Hugging Face folder" + HUB_HELP + ONNX_HELP,
     ),
     data: str = typer.Option(
         ..., "--data", help="Dataset: COCO-layout ROOT folder, dataset.yaml, or 'synthetic' (generated)."

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from ddetr_cli.commands.options import HUB_HELP
 from ddetr_cli.console import UserError, info
 
 HELP = (
@@ -38,7 +39,7 @@ class InputForm(str, Enum):
 
 def command(
     weights: Path = typer.Option(
-        ..., "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth or HF folder."
+        ..., "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, HF folder" + HUB_HELP
     ),
     format: Format = typer.Option(Format.onnx, "--format", help="Export format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: WEIGHTS.onnx)."),

@@ -22,3 +22,5 @@ HUB_HELP = (
 MAX_PIXELS_OPTION = typer.Option(
     None, "--max-pixels", min=1, help="Skip images whose header claims more pixels (default: 8000 x 8000)."
 )
+# --weights of the inference commands (eval, predict, bench) also takes an exported model.
+ONNX_HELP = " A `ddetr export` .onnx file runs through onnxruntime."

@@ -19,6 +19,7 @@ from ddetr_cli.commands.options import (
     HUB_HELP,
     INFERENCE_IMGSZ_OPTION,
     MAX_PIXELS_OPTION,
+    ONNX_HELP,
 )
 from ddetr_cli.distributed import Amp
 from ddetr_cli.engine.prediction import predict
@@ -37,7 +38,10 @@ EXAMPLES = [
 def command(
     sources: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     weights: Path = typer.Option(
-        ..., "--weights", "-w", help="Checkpoint: ddetr .pt, official .pth, HF folder" + HUB_HELP
+        ...,
+        "--weights",
+        "-w",
+        help="Checkpoint: ddetr .pt, official .pth, HF folder" + HUB_HELP + ONNX_HELP,
     ),
     out: Path = typer.Option(Path("results.json"), "--out", "-o", help="Results JSON (COCO results format)."),
     ann: Optional[Path] = typer.Option(

@@ -176,15 +176,17 @@ def export_onnx(
         raise UserError(f"--batch and --topk must be >= 1, got {batch} and {topk}")
     if input_form not in INPUT_FORMS:
         raise UserError(f"--input must be one of {', '.join(INPUT_FORMS)}, got {input_form!r}")
-    weights = Path(weights)
-    if not weights.exists():
-        raise UserError(f"--weights: no such file or directory: {weights}")
-    size = parse_imgsz(imgsz) if isinstance(imgsz, str) else tuple(imgsz or default_imgsz(weights))
-    out = Path(out) if out is not None else weights.with_suffix(".onnx")
-
+    from ddetr_cli.hub import resolve_weights
     from ddetr_cli.model import load_model
 
-    model = load_model(weights, device="cpu")
+    local = resolve_weights(weights)  # a local path as is; a Hub id -> its cached snapshot
+    from_hub = local != Path(weights)
+    size = parse_imgsz(imgsz) if isinstance(imgsz, str) else tuple(imgsz or default_imgsz(local))
+    if out is None:  # beside local weights; a Hub model's name in the current folder
+        out = Path(str(weights).split("@")[0].split("/")[-1]).with_suffix(".onnx") if from_hub else None
+    out = Path(out) if out is not None else Path(local).with_suffix(".onnx")
+
+    model = load_model(local, device="cpu")
     graph = DetectionGraph(model, input_form, topk).eval()
     props = metadata(model, weights, size, batch, dynamic, input_form, topk, opset)
     props["precision"] = "fp16-autocast" if half else "fp32"
