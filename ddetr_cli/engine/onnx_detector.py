@@ -9,8 +9,7 @@ first: that quantises the *resized* pixels (the loader resizes in float), so res
 slightly from PyTorch's on the same batch; export with `--input normalized` to reproduce ddetr's own
 pipeline exactly. A fixed-size file gets each batch zero-padded to its size (an image larger than it
 is an error) and split or filled up to its batch; padding changes results slightly, as it does in
-PyTorch: export with `--dynamic` for the same numbers as the PyTorch model. Like the PyTorch
-detector, images of a batch run grouped by size, so no image's detections depend on its batch.
+PyTorch: export with `--dynamic` for the same numbers as the PyTorch model on the same batches.
 """
 
 from __future__ import annotations
@@ -48,14 +47,8 @@ class OnnxDetector:
         """images [B, 3, H, W] float32 ImageNet-normalised, mask [B, H, W] True on padding, orig_sizes
         [B, 2] (h, w) -> B dicts: "scores" [k] descending, "labels" [k] int64 class indices, "boxes"
         [k, 4] xyxy in original-image pixels; k = min(topk, the export's --topk, queries * classes)."""
-        from ddetr_cli.engine.inference import per_image_size
-
         images, mask = images.detach().float().cpu(), mask.detach().cpu()
         orig_sizes = torch.as_tensor(orig_sizes).cpu()
-        return per_image_size(self._run_in_steps, images, mask, orig_sizes, topk)
-
-    def _run_in_steps(self, images, mask, orig_sizes, topk):
-        """A fixed-batch file takes the images `batch` at a time; a dynamic one all at once."""
         step = self.fixed_batch or images.shape[0]
         results = []
         for start in range(0, images.shape[0], step):
