@@ -1,9 +1,11 @@
 // Host-side pieces shared by the CPU (.cpp), CUDA (.cu) and emulated (emulation/) translation units:
-// shape/dtype checks and the levels' fit in `value`. Only light ATen headers are included, to keep
-// the JIT build short.
+// shape/dtype checks, the levels' fit in `value`, contiguous inputs and fresh outputs. Only light
+// ATen headers (and the empty/zeros ops) are included, to keep the JIT build short.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -87,6 +89,35 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& v
                   grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
               "ms_deform_attn_backward: grad_output must be [B, Q, M*D] of value's dtype and device, got ",
               grad_output.sizes(), " ", grad_output.scalar_type());
+}
+
+// The inputs of one call, contiguous (no copy for the contiguous tensors the op normally gets).
+struct Inputs {
+  at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
+};
+
+inline Inputs contiguous_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                const at::Tensor& attention_weights) {
+  return {value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+          sampling_locations.contiguous(), attention_weights.contiguous()};
+}
+
+// The forward's output [B, Q, M*D] in value's dtype and device.
+inline at::Tensor new_output(const Sizes& s, const at::Tensor& value) {
+  return at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+}
+
+// The backward's outputs, zero-filled for the kernels that scatter-add into them: grad_value in the
+// accumulate dtype (fp16/bf16 gradients sum in fp32, rounded once at the end), the others as the inputs.
+struct Gradients {
+  at::Tensor value_acc, sampling_locations, attention_weights;
+};
+
+inline Gradients zero_gradients(const Inputs& in) {
+  return {at::zeros(in.value.sizes(), in.value.options().dtype(accumulate_dtype(in.value.scalar_type()))),
+          at::zeros(in.sampling_locations.sizes(), in.sampling_locations.options()),
+          at::zeros(in.attention_weights.sizes(), in.attention_weights.options())};
 }
 
 }  // namespace ddetr_msda

@@ -362,7 +362,7 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   const auto v = value.contiguous();
   const auto loc = sampling_locations.contiguous();
   const auto attn = attention_weights.contiguous();
-  auto out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  auto out = new_output(s, value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     with_channels(s.channels, [&](auto kD) { forward_kernel<scalar_t, kD>(v, levels, loc, attn, out, s); });
   });

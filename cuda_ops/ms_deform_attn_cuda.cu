@@ -5,8 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,29 +26,21 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn_forward (CUDA): value must be a CUDA tensor");
   read_levels(spatial_shapes, level_start_index, s.spatial);  // the kernel trusts them to fit `value`
   const c10::cuda::CUDAGuard guard(value.device());
-  const auto v = value.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  auto out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  auto out = new_output(s, value);
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int vec = vector_width<scalar_t>(s.channels, {v.const_data_ptr(), out.const_data_ptr()});
+    const int vec = vector_width<scalar_t>(s.channels, {in.value.const_data_ptr(), out.const_data_ptr()});
     const Geometry g = make_geometry(s, vec);
-    auto launch = [&](auto vec_tag) {
+    with_vector_width<scalar_t>(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       forward_kernel<scalar_t, VEC><<<num_blocks(g), kThreads, 0, stream>>>(
-          v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-          loc.const_data_ptr<acc_t>(), attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), g);
-    };
-    if (vec == 1) {
-      launch(std::integral_constant<int, 1>{});
-    } else {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-    }
+          in.value.const_data_ptr<scalar_t>(), in.spatial_shapes.const_data_ptr<int64_t>(),
+          in.level_start_index.const_data_ptr<int64_t>(), in.sampling_locations.const_data_ptr<acc_t>(),
+          in.attention_weights.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), g);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -67,41 +57,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   read_levels(spatial_shapes, level_start_index, s.spatial);  // the kernel trusts them to fit `value`
   const c10::cuda::CUDAGuard guard(value.device());
   const auto go = grad_output.contiguous();
-  const auto v = value.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto acc_dtype = accumulate_dtype(value.scalar_type());
-  // fp32 (fp64) gradients accumulate in place; fp16/bf16 ones in an fp32 buffer, rounded once at the end.
-  auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
-  auto grad_loc = at::zeros(loc.sizes(), loc.options());
-  auto grad_attn = at::zeros(attn.sizes(), attn.options());
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  Gradients grad = zero_gradients(in);
   if (go.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       // The grad_value buffer holds acc_t: its alignment follows from the same offsets as value's.
-      const int vec = vector_width<scalar_t>(s.channels, {v.const_data_ptr(), go.const_data_ptr(),
-                                                          grad_value_acc.const_data_ptr()});
+      const int vec = vector_width<scalar_t>(
+          s.channels, {in.value.const_data_ptr(), go.const_data_ptr(), grad.value_acc.const_data_ptr()});
       const Geometry g = make_geometry(s, vec);
-      auto launch = [&](auto vec_tag) {
+      with_vector_width<scalar_t>(vec, [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         backward_kernel<scalar_t, VEC><<<num_blocks(g), kThreads, 0, stream>>>(
-            go.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-            starts.const_data_ptr<int64_t>(), loc.const_data_ptr<acc_t>(), attn.const_data_ptr<acc_t>(),
-            grad_value_acc.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
-            grad_attn.mutable_data_ptr<acc_t>(), g);
-      };
-      if (vec == 1) {
-        launch(std::integral_constant<int, 1>{});
-      } else {
-        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-      }
+            go.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(),
+            in.spatial_shapes.const_data_ptr<int64_t>(), in.level_start_index.const_data_ptr<int64_t>(),
+            in.sampling_locations.const_data_ptr<acc_t>(), in.attention_weights.const_data_ptr<acc_t>(),
+            grad.value_acc.mutable_data_ptr<acc_t>(), grad.sampling_locations.mutable_data_ptr<acc_t>(),
+            grad.attention_weights.mutable_data_ptr<acc_t>(), g);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};  // no copy when the dtypes match
+  // No copy when the dtypes match.
+  return {grad.value_acc.to(value.scalar_type()), grad.sampling_locations, grad.attention_weights};
 }
 
 }  // namespace

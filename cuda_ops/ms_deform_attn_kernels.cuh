@@ -236,6 +236,16 @@ int vector_width(int64_t channels, std::initializer_list<const void*> pointers) 
   return full;
 }
 
+// Calls launch(std::integral_constant<int, VEC>{}) for the runtime width vec (1 or the full 16 bytes).
+template <typename scalar_t, typename F>
+void with_vector_width(int vec, F&& launch) {
+  if (vec == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else {
+    launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+  }
+}
+
 inline Geometry make_geometry(const Sizes& s, int vec) {
   Geometry g{s.batch, s.spatial, s.heads, s.channels, s.queries, static_cast<int>(s.levels),
              static_cast<int>(s.points), static_cast<int>(s.channels / vec), 1};

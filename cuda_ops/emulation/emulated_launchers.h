@@ -14,8 +14,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <tuple>
 
@@ -47,16 +45,6 @@ int pick_vector_width(const Sizes& s, std::initializer_list<const void*> pointer
   return force_vector && s.channels % full == 0 ? full : vector_width<scalar_t>(s.channels, pointers);
 }
 
-// Calls launch(std::integral_constant<int, VEC>) for the runtime vec (1 or the full width).
-template <typename scalar_t, typename F>
-void with_vec(int vec, F&& launch) {
-  if (vec == 1) {
-    launch(std::integral_constant<int, 1>{});
-  } else {
-    launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-  }
-}
-
 }  // namespace
 
 at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
@@ -64,24 +52,22 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cpu(), "ms_deform_attn (emulated CUDA): tensors must be on the CPU");
   read_levels(spatial_shapes, level_start_index, s.spatial);
-  const auto v = value.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  auto out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  auto out = new_output(s, value);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_emu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int vec = pick_vector_width<scalar_t>(s, {v.const_data_ptr(), out.const_data_ptr()}, force_vector);
+    const int vec = pick_vector_width<scalar_t>(s, {in.value.const_data_ptr(), out.const_data_ptr()}, force_vector);
     const Geometry g = make_geometry(s, vec);
-    with_vec<scalar_t>(vec, [&](auto vec_tag) {
+    with_vector_width<scalar_t>(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       msda_emu::launch(dim3(num_blocks(g)), dim3(kThreads), forward_kernel<scalar_t, VEC>,
-                       checked<const scalar_t>(v, "value"), checked<const int64_t>(shapes, "spatial_shapes"),
-                       checked<const int64_t>(starts, "level_start_index"),
-                       checked<const acc_t>(loc, "sampling_locations"),
-                       checked<const acc_t>(attn, "attention_weights"), checked<scalar_t>(out, "output"), g);
+                       checked<const scalar_t>(in.value, "value"),
+                       checked<const int64_t>(in.spatial_shapes, "spatial_shapes"),
+                       checked<const int64_t>(in.level_start_index, "level_start_index"),
+                       checked<const acc_t>(in.sampling_locations, "sampling_locations"),
+                       checked<const acc_t>(in.attention_weights, "attention_weights"),
+                       checked<scalar_t>(out, "output"), g);
     });
   });
   return out;
@@ -97,36 +83,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_grad_output(grad_output, value, s);
   read_levels(spatial_shapes, level_start_index, s.spatial);
   const auto go = grad_output.contiguous();
-  const auto v = value.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto acc_dtype = accumulate_dtype(value.scalar_type());
-  auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
-  auto grad_loc = at::zeros(loc.sizes(), loc.options());
-  auto grad_attn = at::zeros(attn.sizes(), attn.options());
+  const Inputs in = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  Gradients grad = zero_gradients(in);
   if (go.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_emulated",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int vec = pick_vector_width<scalar_t>(
-          s, {v.const_data_ptr(), go.const_data_ptr(), grad_value_acc.const_data_ptr()}, force_vector);
+          s, {in.value.const_data_ptr(), go.const_data_ptr(), grad.value_acc.const_data_ptr()}, force_vector);
       const Geometry g = make_geometry(s, vec);
-      with_vec<scalar_t>(vec, [&](auto vec_tag) {
+      with_vector_width<scalar_t>(vec, [&](auto vec_tag) {
         constexpr int VEC = decltype(vec_tag)::value;
         msda_emu::launch(dim3(num_blocks(g)), dim3(kThreads), backward_kernel<scalar_t, VEC>,
-                         checked<const scalar_t>(go, "grad_output"), checked<const scalar_t>(v, "value"),
-                         checked<const int64_t>(shapes, "spatial_shapes"),
-                         checked<const int64_t>(starts, "level_start_index"),
-                         checked<const acc_t>(loc, "sampling_locations"),
-                         checked<const acc_t>(attn, "attention_weights"), checked<acc_t>(grad_value_acc, "grad_value"),
-                         checked<acc_t>(grad_loc, "grad_sampling_locations"),
-                         checked<acc_t>(grad_attn, "grad_attention_weights"), g);
+                         checked<const scalar_t>(go, "grad_output"), checked<const scalar_t>(in.value, "value"),
+                         checked<const int64_t>(in.spatial_shapes, "spatial_shapes"),
+                         checked<const int64_t>(in.level_start_index, "level_start_index"),
+                         checked<const acc_t>(in.sampling_locations, "sampling_locations"),
+                         checked<const acc_t>(in.attention_weights, "attention_weights"),
+                         checked<acc_t>(grad.value_acc, "grad_value"),
+                         checked<acc_t>(grad.sampling_locations, "grad_sampling_locations"),
+                         checked<acc_t>(grad.attention_weights, "grad_attention_weights"), g);
       });
     });
   }
-  return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};
+  return {grad.value_acc.to(value.scalar_type()), grad.sampling_locations, grad.attention_weights};
 }
 
 }  // namespace ddetr_msda::MSDA_ARCH_NAMESPACE
