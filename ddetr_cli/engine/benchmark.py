@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ddetr_cli.benchmarking import device_name, percentile, synchronize
 from ddetr_cli.console import UserError, console, info, warn
-from ddetr_cli.engine.inference import parse_imgsz
+from ddetr_cli.engine.inference import is_onnx, parse_imgsz
 from ddetr_cli.engine.settings import variant_config
 from ddetr_cli.runs import write_json
 
@@ -185,7 +185,7 @@ def bench(
     if batch_size < 1 or warmup < 0 or iters < 1:
         raise UserError("--batch-size and --iters must be >= 1, --warmup >= 0")
     dev = resolve_device(device)
-    if weights is not None and str(weights).endswith(".onnx"):
+    if is_onnx(weights):
         report = bench_onnx(weights, dev, height, width, batch_size, warmup, iters)
         return _finish(report, json_out, show)
     if weights is not None:

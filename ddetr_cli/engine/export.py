@@ -183,8 +183,8 @@ def export_onnx(
     from_hub = local != Path(weights)
     size = parse_imgsz(imgsz) if isinstance(imgsz, str) else tuple(imgsz or default_imgsz(local))
     if out is None:  # beside local weights; a Hub model's name in the current folder
-        out = Path(str(weights).split("@")[0].split("/")[-1]).with_suffix(".onnx") if from_hub else None
-    out = Path(out) if out is not None else Path(local).with_suffix(".onnx")
+        out = Path(str(weights).split("@")[0].split("/")[-1] if from_hub else local).with_suffix(".onnx")
+    out = Path(out)
 
     model = load_model(local, device="cpu")
     graph = DetectionGraph(model, input_form, topk).eval()

@@ -30,7 +30,6 @@ from ddetr_cli.console import UserError, progress
 
 DEFAULT_SIZE = 800
 MAX_SIZE_RATIO = 1333 / 800  # the paper's longer-side cap relative to the shorter side
-ONNX_SUFFIX = ".onnx"
 
 
 def image_sizes(imgsz: int) -> tuple[int, int]:
@@ -58,7 +57,7 @@ def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
     """--imgsz when given, else the size the weights were trained/exported for, else 800."""
     if imgsz is not None:
         return imgsz
-    if weights is not None and str(weights).endswith(ONNX_SUFFIX):
+    if is_onnx(weights):
         from ddetr_cli.engine.onnx_detector import onnx_imgsz
 
         return onnx_imgsz(weights)
@@ -69,6 +68,11 @@ def inference_size(weights: str | Path | None, imgsz: int | None) -> int:
         if isinstance(size, int):
             return size
     return DEFAULT_SIZE
+
+
+def is_onnx(weights: str | Path | None) -> bool:
+    """True for a `ddetr export` file, which runs through onnxruntime instead of PyTorch."""
+    return weights is not None and str(weights).endswith(".onnx")
 
 
 def load_weights(weights: str | Path, device, num_classes: int | None = None):
@@ -82,7 +86,7 @@ def load_weights(weights: str | Path, device, num_classes: int | None = None):
 
 def load_detector(weights: str | Path, device, amp: str = "off"):
     """A ddetr .pt, official .pth, HF folder or Hub id -> TorchDetector; a .onnx file -> OnnxDetector."""
-    if str(weights).endswith(ONNX_SUFFIX):
+    if is_onnx(weights):
         if not Path(weights).is_file():
             raise UserError(f"--weights: no such file: {weights}")
         from ddetr_cli.engine.onnx_detector import OnnxDetector
