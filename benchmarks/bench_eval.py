@@ -27,7 +27,7 @@ def run_backend(backend: str, ann_file: Path, det_file: Path) -> dict:
     """Times `ddetr eval --predictions`' steps with `backend`; returns seconds and metrics."""
     start = time.perf_counter(), time.process_time()
     gt = coco_eval.load_ground_truth(ann_file, backend=backend)
-    detections = coco_eval.check_detections(coco_eval.load_detections(det_file), gt, str(det_file))
+    detections = coco_eval.load_detections(det_file, gt)  # Rust: read, parse, check into columns
     loaded = time.perf_counter(), time.process_time()
     metrics = coco_eval.evaluate_detections(gt, detections, backend=backend)
     end = time.perf_counter(), time.process_time()

@@ -105,4 +105,19 @@ def scan_images(
     CPU) with the GIL released; reads about 16 KB per file."""
 
 def parse_annotations(path: str) -> dict[str, int]: ...
+
+# (image_id int64 [N], category_id float64 [N], bbox float64 [N, 4] x y w h, score float64 [N])
+DetectionColumns = tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]
+
+def read_detections(path: str, image_ids: list[int]) -> DetectionColumns:
+    """The checked columns of a COCO results file, every detection naming one of `image_ids`;
+    parsed with the GIL released, the arrays over Rust's allocations. DataError names the file
+    and the problem: not UTF-8, not valid JSON (line, column), not a list, or the first bad entry
+    ("detection 7: bbox must be [x, y, width, height] numbers")."""
+
+def parse_detections(text: bytes, source: str, image_ids: list[int]) -> DetectionColumns:
+    """`read_detections` of a results text in memory; errors name `source`."""
+
 def _rust_owned_array(n: int) -> tuple[npt.NDArray[np.float32], int]: ...

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
-import math
 from pathlib import Path
 
 import numpy as np
 
-from ddetr_cli.annotations import gc_paused, read_json, validate_ground_truth
+from ddetr_cli.annotations import gc_paused, validate_ground_truth
 from ddetr_cli.console import UserError, warn
+from ddetr_cli.detections import Detections, detections_from_dicts, read_detections
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("hotcoco", "faster", "pycocotools")
 DEFAULT_BACKEND = "hotcoco"
-RESULT_KEYS = ("image_id", "category_id", "bbox", "score")  # what box evaluation reads of a result
 
 
 def _api(backend: str):
@@ -118,90 +116,29 @@ def _hotcoco_dataset(dataset: dict) -> dict:
     }
 
 
-def load_detections(path: str | Path) -> list:
-    """A COCO results file (a JSON list of detections), or a UserError."""
-    path = Path(path)
-    detections = read_json(path, "predictions file")
-    if not isinstance(detections, list):
-        raise UserError(f"{path}: a COCO results file must be a JSON list of detections")
-    return detections
+def load_detections(path: str | Path, gt) -> Detections:
+    """The COCO results file `path` checked against the ground truth `gt` (see `check_detections`),
+    read by the Rust reader; a UserError names the file and the first bad entry."""
+    return _scored(read_detections(path, gt.getImgIds()), gt, str(path))
 
 
-def _is_number(x) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int beyond float64
-        return False
-
-
-def check_detections(detections: list, gt, source: str) -> list:
-    """Validate COCO results against the ground truth; returns those whose category is scored.
+def check_detections(entries: list, gt, source: str) -> Detections:
+    """COCO results entries in memory (dicts), checked against the ground truth `gt`.
 
     A malformed entry or an image id that is not in the ground truth is a UserError naming the
     entry. Detections of categories the ground truth does not have are dropped, as COCOeval
     ignores them (an official 91-class COCO model can predict the unused ids).
     """
-    image_ids = set(gt.getImgIds())
-    if not _all_well_formed(detections, image_ids):
-        for i, det in enumerate(detections):
-            _check_detection(i, det, image_ids, source)
-    category_ids = set(gt.getCatIds())
-    kept = [det for det in detections if det["category_id"] in category_ids]
-    if len(kept) < len(detections) and source != "model":
-        warn(
-            f"{source}: {len(detections) - len(kept)} detections have category ids not in the ground truth; "
-            "ignored"
-        )
-    return kept
+    return _scored(detections_from_dicts(entries, gt.getImgIds(), source), gt, source)
 
 
-def _check_detection(i: int, det, image_ids: set, source: str) -> None:
-    """A UserError naming detection `i` of `source` if it is malformed."""
-    if not isinstance(det, dict):
-        raise UserError(f"{source}: detection {i} is not an object")
-    for key in RESULT_KEYS:
-        if key not in det:
-            raise UserError(f"{source}: detection {i} has no '{key}'")
-    if not isinstance(det["image_id"], int) or isinstance(det["image_id"], bool):
-        raise UserError(f"{source}: detection {i}: image_id must be an integer")
-    if det["image_id"] not in image_ids:
-        raise UserError(
-            f"{source}: detection {i}: image_id {det['image_id']} is not an image of the ground truth"
-        )
-    if not isinstance(det["category_id"], (int, float)) or isinstance(det["category_id"], bool):
-        raise UserError(f"{source}: detection {i}: category_id must be an integer")
-    bbox = det["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        raise UserError(f"{source}: detection {i}: bbox must be [x, y, width, height] numbers")
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise UserError(f"{source}: detection {i}: bbox has a negative width or height")
-    if not _is_number(det["score"]):
-        raise UserError(f"{source}: detection {i}: score must be a finite number")
-
-
-def _all_well_formed(detections: list, image_ids: set) -> bool:
-    """True when no detection would fail `_check_detection`, decided column by column in loops that
-    run in C (a third of the time of checking 500,000 detections one by one); False means
-    "maybe not": then each is checked, and the first bad one named."""
-    try:
-        image, category, bbox, score = ([det[key] for det in detections] for key in RESULT_KEYS)
-    except (TypeError, KeyError):  # not an object, or a key missing
-        return False
-    if not (set(map(type, image)) <= {int} and set(image) <= image_ids):
-        return False
-    if not (set(map(type, category)) <= {int, float} and set(map(type, bbox)) <= {list}):
-        return False
-    numbers = [*itertools.chain.from_iterable(bbox), *score]
-    if set(map(len, bbox)) - {4} or not set(map(type, numbers)) <= {int, float}:
-        return False
-    try:
-        values = np.array(numbers, dtype=np.float64)
-    except OverflowError:
-        return False
-    sizes = values[: 4 * len(bbox)].reshape(-1, 4)[:, 2:]
-    return bool(np.isfinite(values).all() and (sizes >= 0).all())
+def _scored(detections: Detections, gt, source: str) -> Detections:
+    """`detections` without those whose category `gt` lacks (said once, unless `source` is "model")."""
+    keep = np.isin(detections.category_id, np.asarray(gt.getCatIds(), dtype=np.float64))
+    dropped = len(keep) - int(keep.sum())
+    if dropped and source != "model":
+        warn(f"{source}: {dropped} detections have category ids not in the ground truth; ignored")
+    return detections if not dropped else detections.select(keep)
 
 
 def per_class_ap(coco_eval) -> dict:
@@ -216,21 +153,21 @@ def per_class_ap(coco_eval) -> dict:
 
 
 def evaluate_detections(
-    gt, detections: list, backend: str = DEFAULT_BACKEND, image_ids: list[int] | None = None
+    gt, detections: Detections, backend: str = DEFAULT_BACKEND, image_ids: list[int] | None = None
 ) -> dict:
     """COCO bbox evaluation -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
 
     `gt` comes from `load_ground_truth` (with any backend: it is re-indexed when the library
-    differs); `detections` must already have passed `check_detections` and are not modified.
+    differs); `detections` come from `load_detections` or `check_detections`.
     `image_ids`: evaluate only these images (those a model actually saw), default all of them.
     """
     gt, backend = _index_for(gt, backend)
     coco_class, make_eval = _api(backend)
     with gc_paused(), contextlib.redirect_stdout(io.StringIO()):
-        if backend == "pycocotools" and detections:
-            dt = gt.loadRes([dict(d) for d in detections])  # the oracle, run the documented way
-        elif backend == "hotcoco":
-            dt = gt.loadRes(_four_fields(detections))  # in Rust; leaves the dicts as they are, takes []
+        if backend == "hotcoco":
+            dt = gt.loadRes(detections.rows())  # an array: no Python object per detection
+        elif backend == "pycocotools" and len(detections):
+            dt = gt.loadRes(detections.to_dicts())  # the oracle, run the documented way
         else:
             dt = _index_results(gt, coco_class, detections)
         coco_eval = make_eval(gt, dt)
@@ -257,31 +194,14 @@ def _index_for(gt, backend: str) -> tuple:
     return index_ground_truth(dataset, backend), backend
 
 
-def _four_fields(detections: list) -> list:
-    """`detections` with only `RESULT_KEYS`: hotcoco parses every field it knows with strict types,
-    also those that box evaluation overwrites (`id`, `area`, `iscrowd`) or never reads (a mask's
-    `segmentation`), so such a field can make it refuse a results file pycocotools takes."""
-    if all(len(det) == len(RESULT_KEYS) for det in detections):  # already, as ddetr writes them
-        return detections
-    return [{key: det[key] for key in RESULT_KEYS} for det in detections]
-
-
-def _index_results(gt, coco_class, detections: list):
+def _index_results(gt, coco_class, detections: Detections):
     """The result `COCO` that `gt.loadRes(detections)` makes for boxes (ids 1..N, area w * h,
     iscrowd 0), without the polygon per box that bbox evaluation never reads; it also takes an
     empty list, which pycocotools' loadRes cannot (an empty result scores 0 where there is ground
     truth)."""
     annotations = [
-        {
-            "id": i,
-            "image_id": d["image_id"],
-            "category_id": d["category_id"],
-            "bbox": d["bbox"],
-            "score": d["score"],
-            "area": d["bbox"][2] * d["bbox"][3],
-            "iscrowd": 0,
-        }
-        for i, d in enumerate(detections, 1)
+        {**d, "id": i, "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0}
+        for i, d in enumerate(detections.to_dicts(), 1)
     ]
     dt = coco_class()
     dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}

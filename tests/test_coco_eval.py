@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 
+import numpy as np
 import pytest
 
 from ddetr_cli import coco_eval
@@ -38,10 +40,16 @@ def realistic():
     return validate_coco(gt, "synthetic"), detections
 
 
+def checked(detections: list, index):
+    """COCO results dicts as the checked columns that `evaluate_detections` takes."""
+    return coco_eval.check_detections(detections, index, "synthetic")
+
+
 @pytest.fixture(scope="module")
 def oracle(realistic):
     gt, detections = realistic
-    return coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, ORACLE), detections, ORACLE)
+    index = coco_eval.index_ground_truth(gt, ORACLE)
+    return coco_eval.evaluate_detections(index, checked(detections, index), ORACLE)
 
 
 def assert_same_metrics(metrics: dict, expected: dict) -> None:
@@ -74,7 +82,23 @@ def test_backend_agrees_with_pycocotools_to_1e_9(realistic, oracle, backend):
     gt, detections = realistic
     index = coco_eval.index_ground_truth(gt, backend)
     assert isinstance(index, coco_eval._api(backend)[0])
-    assert_same_metrics(coco_eval.evaluate_detections(index, detections, backend), oracle)
+    assert_same_metrics(coco_eval.evaluate_detections(index, checked(detections, index), backend), oracle)
+
+
+@pytest.mark.parametrize("backend", coco_eval.BACKENDS)
+def test_a_results_file_evaluates_as_the_same_detections_in_memory(realistic, oracle, backend, tmp_path):
+    """`ddetr eval --predictions` (the Rust reader's columns) and a model's detections (dicts) are
+    the same input to every backend."""
+    gt, detections = realistic
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(detections))
+    index = coco_eval.index_ground_truth(gt, backend)
+    from_file = coco_eval.load_detections(path, index)
+    in_memory = checked(detections, index)
+    for column in ("image_id", "category_id", "bbox", "score"):
+        assert np.array_equal(getattr(from_file, column), getattr(in_memory, column)), column
+    assert from_file.to_dicts() == detections
+    assert_same_metrics(coco_eval.evaluate_detections(index, from_file, backend), oracle)
 
 
 @pytest.mark.parametrize("backend", coco_eval.BACKENDS)
@@ -92,12 +116,13 @@ def test_image_ids_restrict_the_evaluation_to_those_images(realistic, oracle, ba
         "annotations": [a for a in gt["annotations"] if a["image_id"] in kept],
     }
     subset_detections = [d for d in detections if d["image_id"] in kept]
-    expected = coco_eval.evaluate_detections(
-        coco_eval.index_ground_truth(subset, ORACLE), subset_detections, ORACLE
-    )
+    subset_index = coco_eval.index_ground_truth(subset, ORACLE)
+    expected = coco_eval.evaluate_detections(subset_index, checked(subset_detections, subset_index), ORACLE)
 
     index = coco_eval.index_ground_truth(gt, backend)
-    restricted = coco_eval.evaluate_detections(index, detections, backend, image_ids=image_ids[::-1])
+    restricted = coco_eval.evaluate_detections(
+        index, checked(detections, index), backend, image_ids=image_ids[::-1]
+    )
     assert_same_metrics(restricted, expected)
     assert restricted["AP"] != pytest.approx(oracle["AP"], abs=1e-4)
 
@@ -105,12 +130,13 @@ def test_image_ids_restrict_the_evaluation_to_those_images(realistic, oracle, ba
 def test_empty_results_and_empty_ground_truth(realistic):
     gt, _ = realistic
     for backend in coco_eval.BACKENDS:
-        metrics = coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, backend), [], backend)
+        index = coco_eval.index_ground_truth(gt, backend)
+        metrics = coco_eval.evaluate_detections(index, checked([], index), backend)
         assert all(metrics[name] == 0 for name in coco_eval.STAT_NAMES), backend
     no_objects = {"images": gt["images"][:5], "categories": gt["categories"], "annotations": []}
     for backend in coco_eval.BACKENDS:
         index = coco_eval.index_ground_truth(no_objects, backend)
-        metrics = coco_eval.evaluate_detections(index, [], backend)
+        metrics = coco_eval.evaluate_detections(index, checked([], index), backend)
         assert all(metrics[name] == -1 for name in coco_eval.STAT_NAMES), backend
 
 
@@ -119,20 +145,21 @@ def test_empty_results_and_empty_ground_truth(realistic):
 )
 def test_ground_truth_of_any_library_and_detections_untouched(realistic, indexed_by, evaluated_by):
     gt, detections = realistic
-    some = detections[:4000]
-    before = copy.deepcopy(some)
     index = coco_eval.index_ground_truth(gt, indexed_by)
+    some = checked(detections[:4000], index)
+    before = copy.deepcopy(some)
     other = coco_eval.evaluate_detections(index, some, evaluated_by)  # re-indexed for its library
     same = coco_eval.evaluate_detections(index, some, indexed_by)
-    assert some == before
+    assert some.to_dicts() == before.to_dicts()
     assert_same_metrics(other, same)
 
 
 def test_default_backend_and_unknown_backend(realistic):
     assert coco_eval.BACKENDS[0] == coco_eval.DEFAULT_BACKEND == "hotcoco"
-    assert isinstance(coco_eval.index_ground_truth(realistic[0]), coco_eval._api("hotcoco")[0])
+    index = coco_eval.index_ground_truth(realistic[0])
+    assert isinstance(index, coco_eval._api("hotcoco")[0])
     with pytest.raises(UserError, match="unknown evaluation backend 'fast'.*hotcoco, faster, pycocotools"):
-        coco_eval.evaluate_detections(coco_eval.index_ground_truth(realistic[0]), [], backend="fast")
+        coco_eval.evaluate_detections(index, checked([], index), backend="fast")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -140,9 +167,9 @@ def test_a_ground_truth_index_can_be_reused(realistic, backend):
     """Training evaluates every epoch against one cached index: evaluations must not leave state."""
     gt, detections = realistic
     index = coco_eval.index_ground_truth(gt, backend)
-    first = coco_eval.evaluate_detections(index, detections[:3000], backend)
-    other = coco_eval.evaluate_detections(index, detections[3000:9000], backend)
-    again = coco_eval.evaluate_detections(index, detections[:3000], backend)
+    first = coco_eval.evaluate_detections(index, checked(detections[:3000], index), backend)
+    other = coco_eval.evaluate_detections(index, checked(detections[3000:9000], index), backend)
+    again = coco_eval.evaluate_detections(index, checked(detections[:3000], index), backend)
     assert again == first and other != first
 
 
@@ -177,10 +204,9 @@ def test_hotcoco_takes_every_file_pycocotools_takes(tmp_path, capfd):
         ann["id"] = -ann["id"]
     path = tmp_path / "odd.json"
     path.write_text(json.dumps(gt))
-    expected = coco_eval.evaluate_detections(
-        coco_eval.load_ground_truth(path, ORACLE), SMALL_DETECTIONS, ORACLE
-    )
-    metrics = coco_eval.evaluate_detections(coco_eval.load_ground_truth(path), SMALL_DETECTIONS)
+    oracle_index, index = coco_eval.load_ground_truth(path, ORACLE), coco_eval.load_ground_truth(path)
+    expected = coco_eval.evaluate_detections(oracle_index, checked(SMALL_DETECTIONS, oracle_index), ORACLE)
+    metrics = coco_eval.evaluate_detections(index, checked(SMALL_DETECTIONS, index))
     assert_same_metrics(metrics, expected)
     assert list(metrics["per_class"]) == ["1", "b"] and 0 < metrics["AP"] < 1
     assert capfd.readouterr().err == ""
@@ -203,16 +229,17 @@ def test_negative_image_or_category_ids_are_evaluated_by_faster_coco_eval(tmp_pa
     ]
     path = tmp_path / "negative.json"
     path.write_text(json.dumps(gt))
-    expected = coco_eval.evaluate_detections(coco_eval.load_ground_truth(path, ORACLE), detections, ORACLE)
+    oracle_index = coco_eval.load_ground_truth(path, ORACLE)
+    expected = coco_eval.evaluate_detections(oracle_index, checked(detections, oracle_index), ORACLE)
     index = coco_eval.load_ground_truth(path)
     assert "negative image or category ids" in capfd.readouterr().err
     assert isinstance(index, coco_eval._api("faster")[0])
     assert coco_eval.backend_for(gt, "hotcoco") == "faster" and coco_eval.backend_for(gt, ORACLE) == ORACLE
     for _ in range(2):  # the faster-coco-eval index is used as it is, quietly
-        assert_same_metrics(coco_eval.evaluate_detections(index, detections), expected)
+        assert_same_metrics(coco_eval.evaluate_detections(index, checked(detections, index)), expected)
         assert capfd.readouterr().err == ""
     assert_same_metrics(
-        coco_eval.evaluate_detections(coco_eval.index_ground_truth(gt, ORACLE), detections), expected
+        coco_eval.evaluate_detections(oracle_index, checked(detections, oracle_index)), expected
     )
     assert 0 < expected["AP"] < 1 and list(expected["per_class"]) == ["-1", "b"]
 
@@ -221,31 +248,56 @@ GOOD = {"image_id": 1, "category_id": 2, "bbox": [1, 2.5, 3, 4], "score": 0.5}
 BAD_DETECTIONS = [
     ([1, 2], "detection 5 is not an object"),
     ({k: v for k, v in GOOD.items() if k != "score"}, "detection 5 has no 'score'"),
-    ({**GOOD, "image_id": 1.0}, "image_id must be an integer"),
-    ({**GOOD, "image_id": True}, "image_id must be an integer"),
-    ({**GOOD, "image_id": 7}, "image_id 7 is not an image of the ground truth"),
-    ({**GOOD, "category_id": True}, "category_id must be an integer"),
-    ({**GOOD, "category_id": [2]}, "category_id must be an integer"),
-    ({**GOOD, "bbox": [1, 2, 3]}, r"bbox must be \[x, y, width, height\] numbers"),
-    ({**GOOD, "bbox": [1, 2, "3", 4]}, "bbox must be"),
-    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, "bbox must be"),
-    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, "bbox must be"),
-    ({**GOOD, "bbox": [1, 2, 3, -0.5]}, "negative width or height"),
-    ({**GOOD, "score": None}, "score must be a finite number"),
-    ({**GOOD, "score": float("inf")}, "score must be a finite number"),
-    ({**GOOD, "score": True}, "score must be a finite number"),
+    ({**GOOD, "image_id": 1.0}, "detection 5: image_id must be an integer"),
+    ({**GOOD, "image_id": True}, "detection 5: image_id must be an integer"),
+    ({**GOOD, "image_id": 7}, "detection 5: image_id 7 is not an image of the ground truth"),
+    ({**GOOD, "image_id": 2**64}, f"detection 5: image_id {2**64} is not an image of the ground truth"),
+    ({**GOOD, "category_id": True}, "detection 5: category_id must be an integer"),
+    ({**GOOD, "category_id": [2]}, "detection 5: category_id must be an integer"),
+    ({**GOOD, "bbox": [1, 2, 3]}, r"detection 5: bbox must be \[x, y, width, height\] numbers"),
+    ({**GOOD, "bbox": [1, 2, "3", 4]}, "detection 5: bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, "detection 5: bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, "detection 5: bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, -0.5]}, "detection 5: bbox has a negative width or height"),
+    ({**GOOD, "score": None}, "detection 5: score must be a finite number"),
+    ({**GOOD, "score": float("inf")}, "detection 5: score must be a finite number"),
+    ({**GOOD, "score": float("nan")}, "detection 5: score must be a finite number"),
+    ({**GOOD, "score": True}, "detection 5: score must be a finite number"),
 ]
 
 
 @pytest.mark.parametrize("bad, message", BAD_DETECTIONS)
-def test_a_malformed_detection_is_named(bad, message):
-    """The whole-column check never passes what the one-by-one check refuses; the error names
-    the first bad detection."""
+def test_a_malformed_detection_is_named(bad, message, tmp_path):
+    """In a results file (NaN and Infinity written as Python's json writes them) and in memory, the
+    error names the first bad detection."""
     gt = small_index()
     detections = [GOOD] * 5 + [bad] + [{**GOOD, "score": "bad"}]
-    assert not coco_eval._all_well_formed(detections, {1, 2})
-    with pytest.raises(UserError, match=f"results.json: .*{message}"):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(detections))
+    with pytest.raises(UserError, match=f"^{path}: {message}"):
+        coco_eval.load_detections(path, gt)
+    with pytest.raises(UserError, match=f"^results.json: {message}"):
         coco_eval.check_detections(detections, gt, "results.json")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "not valid JSON (Expecting value at line 1, column 1)"),
+        (
+            '[{"image_id": 1,\n "bbox": [1, 2 3]}]',
+            "not valid JSON (Expecting ',' delimiter at line 2, column 16)",
+        ),
+        ('{"image_id": 1}', "a COCO results file must be a JSON list of detections"),
+    ],
+)
+def test_a_results_file_that_is_not_a_json_list_is_one_line(text, message, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"^{path}: {re.escape(message)}$"):
+        coco_eval.load_detections(path, small_index())
+    with pytest.raises(UserError, match="predictions file not found"):
+        coco_eval.load_detections(tmp_path / "none.json", small_index())
 
 
 def test_well_formed_detections_unknown_categories_dropped(capfd):
@@ -254,11 +306,16 @@ def test_well_formed_detections_unknown_categories_dropped(capfd):
         GOOD,
         {**GOOD, "category_id": 1.0, "score": 1},
         {**GOOD, "category_id": 5},
+        {**GOOD, "image_id": 2, "category_id": float("nan")},
         {**GOOD, "image_id": 2},
     ]
-    assert coco_eval._all_well_formed(detections, {1, 2})
-    assert coco_eval.check_detections(detections, gt, "results.json") == [detections[i] for i in (0, 1, 3)]
-    assert "results.json: 1 detections have category ids not in the ground truth" in capfd.readouterr().err
+    kept = coco_eval.check_detections(detections, gt, "results.json")
+    assert kept.to_dicts() == [detections[i] for i in (0, 1, 4)]
+    assert kept.category_id.dtype == np.float64 and kept.image_id.dtype == np.int64
+    assert kept.bbox.shape == (3, 4)
+    assert "results.json: 2 detections have category ids not in the ground truth" in capfd.readouterr().err
+    coco_eval.check_detections(detections, gt, "model")
+    assert capfd.readouterr().err == ""  # a model's extra classes are not the user's mistake
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -267,7 +324,8 @@ def test_result_fields_that_box_evaluation_overwrites_are_ignored(backend):
     mask: such fields, even in types hotcoco refuses, change nothing."""
     extra = [{"id": -1, "iscrowd": 1}, {"area": 1.0, "segmentation": "n/a"}, {"ignore": 1}, {}]
     detections = [{**det, **fields} for det, fields in zip(SMALL_DETECTIONS, extra)]
-    expected = coco_eval.evaluate_detections(small_index(ORACLE), SMALL_DETECTIONS, ORACLE)
+    oracle_index = small_index(ORACLE)
+    expected = coco_eval.evaluate_detections(oracle_index, checked(SMALL_DETECTIONS, oracle_index), ORACLE)
     gt = small_index(backend)
-    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, backend), expected)
-    assert_same_metrics(coco_eval.evaluate_detections(gt, detections, ORACLE), expected)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, checked(detections, gt), backend), expected)
+    assert_same_metrics(coco_eval.evaluate_detections(gt, checked(detections, gt), ORACLE), expected)

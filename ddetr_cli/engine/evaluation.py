@@ -12,6 +12,7 @@ metrics: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "AR
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddetr_cli.console import UserError, console, debug, info, warn
 from ddetr_cli.engine.inference import (
@@ -24,6 +25,9 @@ from ddetr_cli.engine.inference import (
     skipped_summary,
 )
 from ddetr_cli.runs import check_writable, write_json
+
+if TYPE_CHECKING:
+    from ddetr_cli.detections import Detections
 
 
 def evaluate(
@@ -70,8 +74,7 @@ def evaluate(
     gt = coco_eval.load_ground_truth(data_split.annotation_file, backend)
 
     if predictions is not None:
-        detections = coco_eval.load_detections(predictions)
-        detections = coco_eval.check_detections(detections, gt, str(predictions))
+        detections = coco_eval.load_detections(predictions, gt)
         metrics = coco_eval.evaluate_detections(gt, detections, backend)
         metrics.update(images=len(gt.imgs), skipped_images=0)
     else:
@@ -85,7 +88,7 @@ def evaluate(
     if data_split.class_names is not None:
         metrics["per_class"] = _rename_classes(metrics["per_class"], gt, data_split.class_names)
     if save_detections is not None and predictions is None:
-        write_json(save_detections, detections)
+        write_json(save_detections, detections.to_dicts())
         info(f"Detections: {save_detections} ({len(detections)})")
     if out is not None:
         write_json(out, metrics)
@@ -100,7 +103,7 @@ def evaluate(
 
 def score_run(
     gt, run: DatasetDetections, annotation_file, backend: str | None = None
-) -> tuple[list[dict], dict]:
+) -> tuple[Detections, dict]:
     """A model's pass over a split -> (its checked detections, COCO metrics on the images it saw).
 
     Unreadable images are left out of the evaluation (their ground truth would count as missed),

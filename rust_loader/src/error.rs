@@ -23,6 +23,13 @@ pub enum LoaderError {
     /// The annotation file is valid JSON but inconsistent (unknown image, unsafe file name, ...).
     #[error("{path}: {detail}")]
     Annotation { path: String, detail: String },
+    /// A COCO results file is not valid JSON, not a list, or has a malformed detection.
+    #[error("{path}: {source}")]
+    Results {
+        path: String,
+        #[source]
+        source: crate::results::ResultsError,
+    },
     /// An image file exists but is corrupt, truncated or in an unsupported format.
     #[error("{path}: cannot decode image: {detail}")]
     Decode { path: String, detail: String },
@@ -41,6 +48,7 @@ impl LoaderError {
             LoaderError::Io { path, .. }
             | LoaderError::Json { path, .. }
             | LoaderError::Annotation { path, .. }
+            | LoaderError::Results { path, .. }
             | LoaderError::Decode { path, .. } => Some(path),
             LoaderError::Config(_) | LoaderError::Internal(_) => None,
         }

@@ -6,6 +6,7 @@
 
 // pyo3 0.22's #[pyfunction] expansion converts PyErr into PyErr (a known false positive).
 #![allow(clippy::useless_conversion)]
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::pipeline::{
     BadImagePolicy, CocoSource, EpochIter, ImageListSource, Pipeline, PlanConfig, Source,
 };
 use crate::pool::PooledVec;
+use crate::results::Detections;
 use crate::transforms::AugmentConfig;
 
 // pyo3 0.22's macro checks a `gil-refs` feature this crate does not declare.
@@ -424,6 +426,53 @@ fn parse_annotations(py: Python<'_>, path: PathBuf) -> PyResult<PyObject> {
     Ok(d.into_any().unbind())
 }
 
+/// `(image_id int64 [N], category_id float64 [N], bbox float64 [N, 4], score float64 [N])`, the
+/// columns' own allocations handed to NumPy.
+fn detections_to_py(py: Python<'_>, d: Detections) -> PyObject {
+    let items: Vec<PyObject> = vec![
+        d.image_id.into_pyarray_bound(py).into_any().unbind(),
+        d.category_id.into_pyarray_bound(py).into_any().unbind(),
+        Array2::from_shape_vec((d.score.len(), 4), d.bbox)
+            .expect("four numbers per box")
+            .into_pyarray_bound(py)
+            .into_any()
+            .unbind(),
+        d.score.into_pyarray_bound(py).into_any().unbind(),
+    ];
+    PyTuple::new_bound(py, items).into_any().unbind()
+}
+
+/// The checked columns of the COCO results file `path` (see `results.rs`); every detection must
+/// name one of `image_ids`. Read and parsed with the GIL released.
+#[pyfunction]
+fn read_detections(py: Python<'_>, path: PathBuf, image_ids: Vec<i64>) -> PyResult<PyObject> {
+    let known: HashSet<i64> = image_ids.into_iter().collect();
+    let detections = py
+        .allow_threads(|| crate::results::read_detections(&path, &known))
+        .map_err(to_py_err)?;
+    Ok(detections_to_py(py, detections))
+}
+
+/// `read_detections` of a results text already in memory; errors name it `source`.
+#[pyfunction]
+fn parse_detections(
+    py: Python<'_>,
+    text: &[u8],
+    source: &str,
+    image_ids: Vec<i64>,
+) -> PyResult<PyObject> {
+    let known: HashSet<i64> = image_ids.into_iter().collect();
+    let detections = py
+        .allow_threads(|| crate::results::parse_detections(text, &known))
+        .map_err(|e| {
+            to_py_err(LoaderError::Results {
+                path: source.to_string(),
+                source: e,
+            })
+        })?;
+    Ok(detections_to_py(py, detections))
+}
+
 /// A zero-copy check helper: a fresh array over a Rust allocation and that allocation's address.
 #[pyfunction]
 fn _rust_owned_array(py: Python<'_>, n: usize) -> (PyObject, usize) {
@@ -450,6 +499,8 @@ fn _loader(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_file, m)?)?;
     m.add_function(wrap_pyfunction!(parse_annotations, m)?)?;
     m.add_function(wrap_pyfunction!(scan_images, m)?)?;
+    m.add_function(wrap_pyfunction!(read_detections, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_detections, m)?)?;
     m.add_function(wrap_pyfunction!(_rust_owned_array, m)?)?;
     Ok(())
 }
