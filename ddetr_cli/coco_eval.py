@@ -2,14 +2,19 @@
 
 Backends (`BACKENDS`), all giving pycocotools' numbers (a test holds them equal to 1e-9):
 - "hotcoco" (default): hotcoco's `COCO` / `COCOeval`, pycocotools' algorithm in Rust, indexing
-  and results loading included (about 40x pycocotools' evaluation at 5,000 images). Its `COCO`
-  hands out copies: `dataset`, `imgs`, `cats` are rebuilt on every access, so read them once.
+  and results loading included (about 30x pycocotools' evaluation at 5,000 images); it gets the
+  detections as one [N, 7] array. Its `COCO` hands out copies: `dataset`, `imgs`, `cats` are
+  rebuilt on every access, so read them once.
 - "faster": faster-coco-eval's COCOeval_faster (matching and accumulation in C++; pycocotools' own
   Python index). Its summarize() gives 14 stats, pycocotools' 12 then AR at IoU .50 and .75.
 - "pycocotools": the reference `COCOeval`, kept as the oracle.
 The three copy pycocotools' API: `COCO` (imgs, cats, getImgIds, getCatIds, loadRes) and a COCOeval
 with params (imgIds, catIds), evaluate/accumulate/summarize, `stats` and `eval["precision"]`
 [T, R, K, A, M].
+
+Detections are `detections.Detections` columns, read from a results file by ddetr's Rust reader
+(`load_detections`) or made from a model's result dicts by the same reader (`check_detections`),
+checked against the ground truth either way.
 
 The 12 numbers are exactly `COCOeval.stats[:12]` (AP at IoU .50:.95, .50, .75, small/medium/large,
 then AR at 1/10/100 detections and small/medium/large), in [0, 1], -1 where COCO has nothing to
