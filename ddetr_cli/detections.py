@@ -20,7 +20,7 @@ from ddetr_cli.console import UserError
 _INT64 = np.iinfo(np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: no elementwise ==
 class Detections:
     """N box detections: image_id int64 [N], category_id float64 [N] (pycocotools takes 3.0 for 3),
     bbox float64 [N, 4] (x, y, width, height in pixels), score float64 [N]."""
