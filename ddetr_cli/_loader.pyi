@@ -113,9 +113,10 @@ DetectionColumns = tuple[
 
 def read_detections(path: str, image_ids: list[int]) -> DetectionColumns:
     """The checked columns of a COCO results file, every detection naming one of `image_ids`;
-    parsed with the GIL released, the arrays over Rust's allocations. DataError names the file
-    and the problem: not UTF-8, not valid JSON (line, column), not a list, or the first bad entry
-    ("detection 7: bbox must be [x, y, width, height] numbers")."""
+    parsed by serde_json with the GIL released, the arrays over Rust's allocations. DataError names
+    the file and the problem: not UTF-8, not valid JSON (serde_json's message, line, column; NaN
+    and Infinity named as such), not a list, or the first bad entry ("detection 7: bbox must be
+    [x, y, width, height] numbers"); a syntax error anywhere wins over a bad entry."""
 
 def parse_detections(text: bytes, source: str, image_ids: list[int]) -> DetectionColumns:
     """`read_detections` of a results text in memory; errors name `source`."""

@@ -1,7 +1,9 @@
 """The Rust reader of COCO results files (rust_loader/src/results.rs) against what ddetr did before
-it: Python's `json.loads` and the entry-by-entry check of `coco_eval.py`, kept here as the oracle.
-On hand-written and randomly mutated texts both must accept the same detections or refuse with the
-same one-line message."""
+it: Python's `json.loads`, made strict as serde_json is (no NaN or Infinity, numbers within
+float64, `-0` and integers beyond 64 bits read as floats), and the entry-by-entry check of
+`coco_eval.py`, kept here as the oracle. On hand-written and randomly mutated texts both must accept
+the same detections, refuse the same bad entry with the same message, or both find the text not
+valid JSON (the wording and position are serde_json's, not Python's)."""
 
 from __future__ import annotations
 
@@ -58,12 +60,34 @@ def _float(x) -> float:
         return math.inf
 
 
+class NotStrictJson(ValueError):
+    pass
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotStrictJson("number out of range")
+    return value
+
+
+def _strict_int(text: str):
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 and text != "-0" else _strict_float(text)
+
+
+def _no_constant(text: str):
+    raise NotStrictJson("NaN or Infinity")
+
+
 def python_verdict(text: str):
     """(image_id, category_id, bbox, score) rows as ddetr read them before, or the error message."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_strict_float, parse_int=_strict_int, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         return f"{SOURCE}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    except NotStrictJson as e:
+        return f"{SOURCE}: not valid JSON ({e}"
     if not isinstance(data, list):
         return f"{SOURCE}: a COCO results file must be a JSON list of detections"
     for i, det in enumerate(data):
@@ -86,6 +110,12 @@ def rust_verdict(text: str):
 
 def assert_same_verdict(text: str) -> None:
     expected, got = python_verdict(text), rust_verdict(text)
+    syntax = f"{SOURCE}: not valid JSON ("
+    if isinstance(expected, str) and expected.startswith(syntax):
+        assert isinstance(got, str) and got.startswith(syntax), (text, got)
+        for kind in ("NaN or Infinity", "number out of range"):  # the first problem is the same
+            assert kind not in expected or kind in got, (text, got)
+        return
     if isinstance(expected, str) or isinstance(got, str):
         assert got == expected, text
         return
@@ -101,7 +131,7 @@ BASE = (
     ' {"score": 1, "bbox": [0, 0, 0, 0], "category_id": 2.0, "image_id": -3,\n'
     '  "name": "d\\u00e9j\\u00e0 \\"vu\\""},\n'
     ' {"image_id": 2, "category_id": 90, "bbox": [1E2, 0.5, 1e-3, 7], "score": 1e-5,\n'
-    '  "segmentation": [[1, 2, 3, 4]], "area": NaN, "é": {"x": [true, false, null]}}]'
+    '  "segmentation": [[1, 2, 3, 4]], "area": 1e-400, "é": {"x": [true, false, null]}}]'
 )
 
 HAND_WRITTEN = [
@@ -128,12 +158,19 @@ HAND_WRITTEN = [
     '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": "x", "score": 1}]',
     '[{"\\u0069mage_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}]',
     '[{"image_id": 1, "category_id": 1e999, "bbox": [1, 2, 3, 4], "score": -Infinity}]',
+    '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": -Infinity}]',
+    '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1, "area": NaN}]',
+    '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1, "x": 1Infinity}]',
     '[{"image_id": 1, "category_id": NaN, "bbox": [-1e308, 2, 1.7976931348623157e308, 4], "score": 0}]',
+    '[{"image_id": 1, "category_id": 3, "bbox": [-1e308, 2, 1.7976931348623157e308, 4], "score": 0}]',
+    '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 0.30000000000000004441}]',
     '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1, "x": "\t"}]',
     '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1, "x": "\\q"}]',
     '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1, "x": "\\u12"}]',
     f'[{{"image_id": {2**63 - 1}, "category_id": {10**30}, "bbox": [1, 2, {10**308}, 4], "score": 1}}]',
     f'[{{"image_id": {2**63}, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}}]',
+    f'[{{"image_id": {2**64}, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}}]',
+    f'[{{"image_id": {-(2**63)}, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}}]',
     f'[{{"image_id": 1, "category_id": 3, "bbox": [1, 2, {10**309}, 4], "score": 1}}]',
     '[{"image_id": -0, "category_id": -0.0, "bbox": [1, 2, -0.0, 4], "score": 1}]',
     '[{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 1}]\ufeff',
@@ -185,8 +222,11 @@ def test_columns_are_handed_over_without_a_copy_and_files_are_named(tmp_path):
     for column in (image_id, category_id, bbox, score):
         assert not column.flags.owndata and column.base is not None  # NumPy views the Rust allocation
     assert image_id.tolist() == [1, -3, 2] and bbox[2].tolist() == [100, 0.5, 0.001, 7]
-    path.write_text(BASE.replace("0.875", "NaN"))
+    path.write_text(BASE.replace("0.875", "null"))
     with pytest.raises(DataError, match=f"^{path}: detection 0: score must be a finite number$"):
+        read_detections(str(path), IMAGE_IDS)
+    path.write_text(BASE.replace("0.875", "NaN"))
+    with pytest.raises(DataError, match=f"^{path}: not valid JSON \\(NaN or Infinity at line 1, column 73: "):
         read_detections(str(path), IMAGE_IDS)
     with pytest.raises(DataError, match="none.json: cannot read"):
         read_detections(str(tmp_path / "none.json"), IMAGE_IDS)
