@@ -12,9 +12,8 @@ The three copy pycocotools' API: `COCO` (imgs, cats, getImgIds, getCatIds, loadR
 with params (imgIds, catIds), evaluate/accumulate/summarize, `stats` and `eval["precision"]`
 [T, R, K, A, M].
 
-Detections are `detections.Detections` columns, read from a results file by ddetr's Rust reader
-(`load_detections`) or made from a model's result dicts by the same reader (`check_detections`),
-checked against the ground truth either way.
+Detections are `detections.Detections` columns, read and checked from a results file by ddetr's
+Rust reader (`load_detections`) or made from a model's result dicts (`model_detections`).
 
 The 12 numbers are exactly `COCOeval.stats[:12]` (AP at IoU .50:.95, .50, .75, small/medium/large,
 then AR at 1/10/100 detections and small/medium/large), in [0, 1], -1 where COCO has nothing to
@@ -32,7 +31,7 @@ import numpy as np
 
 from ddetr_cli.annotations import gc_paused, validate_ground_truth
 from ddetr_cli.console import UserError, warn
-from ddetr_cli.detections import Detections, detections_from_dicts, read_detections
+from ddetr_cli.detections import Detections, model_columns, read_detections
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("hotcoco", "faster", "pycocotools")
@@ -122,19 +121,19 @@ def _hotcoco_dataset(dataset: dict) -> dict:
 
 
 def load_detections(path: str | Path, gt) -> Detections:
-    """The COCO results file `path` checked against the ground truth `gt` (see `check_detections`),
-    read by the Rust reader; a UserError names the file and the first bad entry."""
+    """The COCO results file `path` checked against the ground truth `gt` by the Rust reader.
+
+    A malformed entry or an image id that is not in the ground truth is a UserError naming the file
+    and the entry. Detections of categories the ground truth does not have are dropped (said once),
+    as COCOeval ignores them.
+    """
     return _scored(read_detections(path, gt.getImgIds()), gt, str(path))
 
 
-def check_detections(entries: list, gt, source: str) -> Detections:
-    """COCO results entries in memory (dicts), checked against the ground truth `gt`.
-
-    A malformed entry or an image id that is not in the ground truth is a UserError naming the
-    entry. Detections of categories the ground truth does not have are dropped, as COCOeval
-    ignores them (an official 91-class COCO model can predict the unused ids).
-    """
-    return _scored(detections_from_dicts(entries, gt.getImgIds(), source), gt, source)
+def model_detections(entries: list[dict], gt) -> Detections:
+    """A model's COCO results entries as columns (`detections.model_columns`), without the
+    categories `gt` lacks (quietly: an official 91-class COCO model can predict the unused ids)."""
+    return _scored(model_columns(entries), gt, "model")
 
 
 def _scored(detections: Detections, gt, source: str) -> Detections:
@@ -163,7 +162,7 @@ def evaluate_detections(
     """COCO bbox evaluation -> {"AP", ..., "ARl", "per_class": {class name: AP}}.
 
     `gt` comes from `load_ground_truth` (with any backend: it is re-indexed when the library
-    differs); `detections` come from `load_detections` or `check_detections`.
+    differs); `detections` come from `load_detections` or `model_detections`.
     `image_ids`: evaluate only these images (those a model actually saw), default all of them.
     """
     gt, backend = _index_for(gt, backend)

@@ -1,15 +1,15 @@
-"""COCO box results as columns, read and checked by the Rust reader (rust_loader/src/results.rs).
+"""COCO box results as columns: a results file read and checked by the Rust reader
+(rust_loader/src/results.rs), or a model's detections made into columns directly.
 
-A results file is parsed into `Detections` with the GIL released and no Python object per entry;
-detections in memory (a model's) go through the same reader as JSON text, so both are checked
-alike: a file that is not JSON or not a list, the first malformed entry, or one naming an image
-that the ground truth lacks is a one-line UserError naming the source and the entry, e.g.
-"det.json: detection 7: bbox must be [x, y, width, height] numbers".
+A results file is parsed with the GIL released and no Python object per entry; a file that is not
+JSON or not a list, the first malformed entry, or one naming an image that the ground truth lacks
+is a one-line UserError naming the file and the entry, e.g.
+"det.json: detection 7: bbox must be [x, y, width, height] numbers". The text must be strict JSON:
+NaN and Infinity, which Python's json writes, are refused where they stand.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,18 +64,24 @@ def read_detections(path: str | Path, image_ids) -> Detections:
         raise UserError(str(e)) from None
 
 
-def detections_from_dicts(entries: list, image_ids, source: str) -> Detections:
-    """COCO results entries in memory, checked as a file would be (errors name `source`)."""
-    from ddetr_cli._loader import DataError, parse_detections
-
-    try:
-        text = json.dumps(entries).encode()
-    except (TypeError, ValueError) as e:  # a value JSON cannot hold (a tensor, a cycle, ...)
-        raise UserError(f"{source}: detections are not COCO results entries ({e})") from None
-    try:
-        return Detections(*parse_detections(text, source, _int64_ids(image_ids)))
-    except DataError as e:
-        raise UserError(str(e)) from None
+def model_columns(entries: list[dict], source: str = "model") -> Detections:
+    """A model's COCO results entries (`engine.inference.coco_detections`) as columns, without a
+    JSON round trip: they are well-formed by construction and name the loader's images, so only a
+    box or score that is not finite (a diverged model) is refused, named as the reader would."""
+    n = len(entries)
+    detections = Detections(
+        np.fromiter((e["image_id"] for e in entries), np.int64, n),
+        np.fromiter((e["category_id"] for e in entries), np.float64, n),
+        np.array([e["bbox"] for e in entries], np.float64).reshape(n, 4),
+        np.fromiter((e["score"] for e in entries), np.float64, n),
+    )
+    bad_box = ~np.isfinite(detections.bbox).all(axis=1)
+    bad = np.flatnonzero(bad_box | ~np.isfinite(detections.score))
+    if len(bad):
+        i = bad[0]
+        what = "bbox must be [x, y, width, height] numbers" if bad_box[i] else "score must be a finite number"
+        raise UserError(f"{source}: detection {i}: {what}")
+    return detections
 
 
 def _int64_ids(image_ids) -> list[int]:

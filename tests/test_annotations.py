@@ -151,9 +151,7 @@ def test_converted_ground_truth_evaluates_like_a_complete_one(tmp_path, backend)
     path.write_text(json.dumps({"images": IMAGES, "categories": CATEGORIES, "annotations": annotations}))
     gt = coco_eval.load_ground_truth(path, backend=backend)
     detections = [{"image_id": 1, "category_id": 3, "bbox": b, "score": 0.9} for b in boxes]
-    metrics = coco_eval.evaluate_detections(
-        gt, coco_eval.check_detections(detections, gt, "t"), backend=backend
-    )
+    metrics = coco_eval.evaluate_detections(gt, coco_eval.model_detections(detections, gt), backend=backend)
     for name in ("AP", "APs", "APm", "APl", "AR100"):
         assert metrics[name] == pytest.approx(1.0), name
 

@@ -41,8 +41,8 @@ def realistic():
 
 
 def checked(detections: list, index):
-    """COCO results dicts as the checked columns that `evaluate_detections` takes."""
-    return coco_eval.check_detections(detections, index, "synthetic")
+    """COCO results dicts as the columns that `evaluate_detections` takes (as a model's are made)."""
+    return coco_eval.model_detections(detections, index)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_backend_agrees_with_pycocotools_to_1e_9(realistic, oracle, backend):
 
 @pytest.mark.parametrize("backend", coco_eval.BACKENDS)
 def test_a_results_file_evaluates_as_the_same_detections_in_memory(realistic, oracle, backend, tmp_path):
-    """`ddetr eval --predictions` (the Rust reader's columns) and a model's detections (dicts) are
-    the same input to every backend."""
+    """`ddetr eval --predictions` (the Rust reader's columns) and a model's detections (dicts made
+    into columns in Python) are the same input to every backend."""
     gt, detections = realistic
     path = tmp_path / "detections.json"
     path.write_text(json.dumps(detections))
@@ -251,42 +251,56 @@ BAD_DETECTIONS = [
     ({**GOOD, "image_id": 1.0}, "detection 5: image_id must be an integer"),
     ({**GOOD, "image_id": True}, "detection 5: image_id must be an integer"),
     ({**GOOD, "image_id": 7}, "detection 5: image_id 7 is not an image of the ground truth"),
-    ({**GOOD, "image_id": 2**64}, f"detection 5: image_id {2**64} is not an image of the ground truth"),
+    ({**GOOD, "image_id": 2**63}, f"detection 5: image_id {2**63} is not an image of the ground truth"),
+    ({**GOOD, "image_id": 2**64}, "detection 5: image_id must be an integer"),  # serde_json: a float
     ({**GOOD, "category_id": True}, "detection 5: category_id must be an integer"),
     ({**GOOD, "category_id": [2]}, "detection 5: category_id must be an integer"),
     ({**GOOD, "bbox": [1, 2, 3]}, r"detection 5: bbox must be \[x, y, width, height\] numbers"),
     ({**GOOD, "bbox": [1, 2, "3", 4]}, "detection 5: bbox must be"),
-    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, "detection 5: bbox must be"),
-    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, "detection 5: bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, 4, 5]}, "detection 5: bbox must be"),
+    ({**GOOD, "bbox": [1, 2, 3, float("nan")]}, r"not valid JSON \(NaN or Infinity at line 1, column \d+: "),
+    ({**GOOD, "bbox": [1, 2, 10**400, 4]}, r"not valid JSON \(number out of range at line 1, column \d+\)"),
     ({**GOOD, "bbox": [1, 2, 3, -0.5]}, "detection 5: bbox has a negative width or height"),
     ({**GOOD, "score": None}, "detection 5: score must be a finite number"),
-    ({**GOOD, "score": float("inf")}, "detection 5: score must be a finite number"),
-    ({**GOOD, "score": float("nan")}, "detection 5: score must be a finite number"),
+    ({**GOOD, "score": "0.5"}, "detection 5: score must be a finite number"),
+    ({**GOOD, "score": float("inf")}, r"not valid JSON \(NaN or Infinity at line 1, column \d+: "),
+    ({**GOOD, "score": float("-inf")}, r"not valid JSON \(NaN or Infinity at line 1, column \d+: "),
     ({**GOOD, "score": True}, "detection 5: score must be a finite number"),
 ]
 
 
 @pytest.mark.parametrize("bad, message", BAD_DETECTIONS)
 def test_a_malformed_detection_is_named(bad, message, tmp_path):
-    """In a results file (NaN and Infinity written as Python's json writes them) and in memory, the
-    error names the first bad detection."""
+    """The error names the first bad detection of a results file; NaN and Infinity, which Python's
+    json writes but JSON has not, are named where they are."""
     gt = small_index()
     detections = [GOOD] * 5 + [bad] + [{**GOOD, "score": "bad"}]
     path = tmp_path / "results.json"
     path.write_text(json.dumps(detections))
     with pytest.raises(UserError, match=f"^{path}: {message}"):
         coco_eval.load_detections(path, gt)
-    with pytest.raises(UserError, match=f"^results.json: {message}"):
-        coco_eval.check_detections(detections, gt, "results.json")
+
+
+def test_a_diverged_models_detections_are_named():
+    """A model's detections skip the reader: only a NaN or infinite box or score can be wrong."""
+    gt = small_index()
+    nan = float("nan")
+    for bad, message in [
+        ({**GOOD, "score": nan, "bbox": [1, 2, nan, 4]}, "bbox must be [x, y, width, height] numbers"),
+        ({**GOOD, "score": float("-inf")}, "score must be a finite number"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(f"model: detection 2: {message}")):
+            coco_eval.model_detections([GOOD, GOOD, bad, bad], gt)
+    assert len(coco_eval.model_detections([], gt)) == 0
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("", "not valid JSON (Expecting value at line 1, column 1)"),
+        ("", "not valid JSON (EOF while parsing a value at line 1, column 0)"),
         (
             '[{"image_id": 1,\n "bbox": [1, 2 3]}]',
-            "not valid JSON (Expecting ',' delimiter at line 2, column 16)",
+            "not valid JSON (expected `,` or `]` at line 2, column 16)",
         ),
         ('{"image_id": 1}', "a COCO results file must be a JSON list of detections"),
     ],
@@ -300,22 +314,25 @@ def test_a_results_file_that_is_not_a_json_list_is_one_line(text, message, tmp_p
         coco_eval.load_detections(tmp_path / "none.json", small_index())
 
 
-def test_well_formed_detections_unknown_categories_dropped(capfd):
+def test_well_formed_detections_unknown_categories_dropped(capfd, tmp_path):
     gt = small_index()
     detections = [
         GOOD,
         {**GOOD, "category_id": 1.0, "score": 1},
         {**GOOD, "category_id": 5},
-        {**GOOD, "image_id": 2, "category_id": float("nan")},
+        {**GOOD, "image_id": 2, "category_id": 2.5},
         {**GOOD, "image_id": 2},
     ]
-    kept = coco_eval.check_detections(detections, gt, "results.json")
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(detections))
+    kept = coco_eval.load_detections(path, gt)
     assert kept.to_dicts() == [detections[i] for i in (0, 1, 4)]
     assert kept.category_id.dtype == np.float64 and kept.image_id.dtype == np.int64
     assert kept.bbox.shape == (3, 4)
-    assert "results.json: 2 detections have category ids not in the ground truth" in capfd.readouterr().err
-    coco_eval.check_detections(detections, gt, "model")
+    assert f"{path}: 2 detections have category ids not in the ground truth" in capfd.readouterr().err
+    from_model = coco_eval.model_detections(detections, gt)
     assert capfd.readouterr().err == ""  # a model's extra classes are not the user's mistake
+    assert from_model.to_dicts() == kept.to_dicts() and from_model.bbox.dtype == np.float64
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

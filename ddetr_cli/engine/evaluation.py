@@ -116,7 +116,7 @@ def score_run(
         warn(f"{annotation_file}: {skipped_summary(run.skipped, 'images')}; evaluated without them")
     if not run.image_ids:
         raise UserError(f"{annotation_file}: none of the {len(gt.imgs)} images could be read")
-    detections = coco_eval.check_detections(run.detections, gt, "model")
+    detections = coco_eval.model_detections(run.detections, gt)
     seen = run.image_ids if run.skipped else None
     metrics = coco_eval.evaluate_detections(gt, detections, backend or coco_eval.DEFAULT_BACKEND, seen)
     metrics.update(images=len(run.image_ids), skipped_images=len(run.skipped))
