@@ -72,6 +72,52 @@ def test_channel_counts_and_thread_splits(channels, threads):
     assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
 
 
+# The forward copies value into padded head-major slices when a call gathers many corner rows per
+# value row (Q * L * K >= 4 * S, the encoder) and reads value in place otherwise (the decoder):
+# MANY_QUERIES takes the first path (70 * 9 >= 4 * 138), FEW_QUERIES the second.
+MANY_QUERIES = OpShape("many", ((9, 11), (5, 6), (3, 3)), queries=70, batch=3, heads=4, channels=32, points=3)
+FEW_QUERIES = OpShape("few", ((9, 11), (5, 6), (3, 3)), queries=20, batch=3, heads=4, channels=32, points=3)
+
+
+@pytest.mark.parametrize("base", [MANY_QUERIES, FEW_QUERIES], ids=lambda s: s.name)
+@pytest.mark.parametrize("channels", [32, 16, 64, 12, 8])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_forward_paths_channel_counts_and_thread_splits(base, channels, threads):
+    """Both forward paths for D = 32/16/64 (16-lane rows with AVX-512), 8 (8-lane rows) and 12
+    (any D), with the (batch, head, query block) tasks split over 1 or 3 threads."""
+    shape = OpShape(base.name, base.levels, base.queries, base.batch, base.heads, channels, base.points)
+    inputs = make_inputs(shape, torch.float32, seed=channels, margin=0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = outputs_and_grads(kernel, inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.parametrize("locations", ["uniform", "local"])
+def test_encoder_like_locations(locations):
+    """REDUCED takes the padded path: uniform locations and model-like local ones (near borders too)."""
+    inputs = make_inputs(REDUCED, torch.float32, locations=locations)
+    assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_padded_forward_other_dtypes(dtype):
+    """The padded forward with double (scalar footprints) and half-precision values (copied as they
+    are, accumulated in float): equal to the reference on the same values."""
+    value, shapes, starts, loc, attn = make_inputs(
+        MANY_QUERIES, torch.float32 if dtype != torch.float64 else dtype
+    )
+    value = value.to(dtype)
+    actual = kernel(value, shapes, starts, loc, attn)
+    assert actual.dtype == dtype
+    expected = ms_deform_attn_reference(value.to(loc.dtype), shapes, starts, loc, attn)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(actual.to(loc.dtype), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_pixels_in_no_level_get_zero_gradient():
     """value may hold pixels after the last level (S > sum H*W): the output ignores them and their
     gradient is exactly zero (the backward's outputs start uninitialised)."""
@@ -84,15 +130,34 @@ def test_pixels_in_no_level_get_zero_gradient():
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
-def test_edge_locations_borders_outside_and_1x1_levels():
+@pytest.mark.parametrize("queries", [1, 8])
+def test_edge_locations_borders_outside_and_1x1_levels(queries):
     """Points on the [0, 1] borders, exactly one pixel outside (pixel coordinate -1 or H, where only
-    the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes."""
-    shape = OpShape("edges", ((5, 3), (1, 1), (2, 7)), queries=1, batch=1, heads=2, channels=5, points=10)
+    the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes; with
+    8 queries (each the same points) the forward takes the padded path (8 * 30 >= 4 * 30 pixels)."""
+    shape = OpShape(
+        "edges", ((5, 3), (1, 1), (2, 7)), queries=queries, batch=1, heads=2, channels=5, points=10
+    )
     value, shapes, starts, _, attn = make_inputs(shape, torch.float64)
-    inputs = (value, shapes, starts, edge_locations(shape), attn)
+    loc = edge_locations(shape).expand(1, queries, -1, -1, -1, -1).contiguous()
+    inputs = (value, shapes, starts, loc, attn)
     assert_match(
         outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs), 1e-10
     )
+
+
+@pytest.mark.parametrize("queries", [1, 8])
+def test_edge_locations_float32_forward(queries):
+    """The same points in float32 (with AVX-512, 30 points = one full and one partial 16-lane
+    footprint vector). The forward only: on a cell edge the location gradient jumps, and fp32
+    rounding may put the reference and the kernel on either side of it."""
+    shape = OpShape(
+        "edges", ((5, 3), (1, 1), (2, 7)), queries=queries, batch=1, heads=2, channels=5, points=10
+    )
+    value, shapes, starts, _, attn = make_inputs(shape, torch.float32)
+    loc = edge_locations(shape).expand(1, queries, -1, -1, -1, -1).float().contiguous()
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(kernel(value, shapes, starts, loc, attn), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_points_outside_give_zero_output_and_gradient():
