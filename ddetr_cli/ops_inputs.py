@@ -47,10 +47,9 @@ def make_inputs(
     `locations="uniform"`: uniform in [-margin, 1 + margin] (some points fall outside the map);
     `"local"`: model-like, each point within ±4 pixels of its query's reference point (see
     `local_locations`). Attention weights are a softmax over the L*K points of each head, as in the
-    model. With
-    `avoid_cell_edges`, locations within 1e-3 pixel of a pixel centre line are moved off it: the
-    bilinear gradient jumps there, so two correct implementations that round the pixel coordinate
-    differently in fp32 may disagree on the gradient of such a point. Locations and weights are
+    model. With `avoid_cell_edges`, locations within 1e-3 pixel of a pixel centre line are moved off
+    it: the bilinear gradient jumps there, so two correct implementations that round the pixel
+    coordinate differently in fp32 may disagree on the gradient of such a point. Locations and weights are
     float32 (float64 for float64 values), value is `dtype`.
     """
     gen = torch.Generator().manual_seed(seed)

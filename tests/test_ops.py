@@ -14,6 +14,7 @@ from op_helpers import REDUCED, assert_match, edge_locations, kernel, outputs_an
 from op_helpers import no_forced_backend as no_forced_backend  # autouse: DDETR_MSDA unset
 
 from ddetr_cli import ops, ops_build
+from ddetr_cli.console import UserError
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_cli.ops_inputs import ENCODER_LEVELS, OpShape, make_inputs, standard_shapes
 
@@ -337,6 +338,7 @@ def test_bench_op_command_writes_table_and_json(tmp_path, capsys):
         warmup=0,
         repeats=1,
         backward=True,
+        locations="Uniform",
         json_out=out,
     )
     report = json.loads(out.read_text())
@@ -346,6 +348,43 @@ def test_bench_op_command_writes_table_and_json(tmp_path, capsys):
     assert rows["cpu"]["forward_ms"] > 0 and rows["cpu"]["forward_backward_speedup"] > 0
     printed = capsys.readouterr().out
     assert "fwd+bwd ms" in printed and "x ref" in printed and "reference" in printed
+    assert report["locations"] == "uniform" and "uniform locations" in printed
+
+
+def test_bench_op_local_locations_and_bad_value():
+    from ddetr_cli.commands.bench_op import bench_op_report
+
+    report = bench_op_report(
+        shapes=("decoder",), batches=(1,), dtypes=("float32",), device="cpu", repeats=1, locations="local"
+    )
+    assert report["locations"] == "local" and {r["backend"] for r in report["results"]} == {
+        "reference",
+        "cpu",
+    }
+    with pytest.raises(UserError, match="--locations must be uniform or local, got 'near'"):
+        bench_op_report(shapes=("decoder",), batches=(1,), device="cpu", locations="near")
+
+
+def test_local_locations_stay_near_their_query():
+    """Each point within 4 pixels (of its level) of its query's pixel centre, queries in pixel order."""
+    shape = OpShape("l", ((6, 8), (3, 4)), queries=60, batch=2, heads=2, channels=4, points=3)
+    loc = make_inputs(shape, torch.float64, locations="local", avoid_cell_edges=False)[3]
+    centres = (
+        torch.cat(
+            [
+                torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+                .flip(-1)
+                .reshape(-1, 2)
+                for h, w in shape.levels
+            ]
+        ).double()
+        + 0.5
+    )
+    sizes = torch.tensor([[8.0, 6.0], [4.0, 3.0]])  # (W, H) per level
+    query_size = torch.cat([sizes[0].expand(48, 2), sizes[1].expand(12, 2)])  # each query's own level
+    reference = centres / query_size  # [60, 2] normalised
+    pixels = (loc - reference.view(1, 60, 1, 1, 1, 2)) * sizes.view(1, 1, 1, 2, 1, 2)
+    assert pixels.abs().max() <= 4 and pixels.abs().max() > 3
 
 
 def test_build_ops_report_cpu():
