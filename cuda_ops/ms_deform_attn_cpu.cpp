@@ -112,6 +112,21 @@ inline void finish_streaming() {
 #endif
 }
 
+// Copies n values to `dst`, with streaming stores where they apply (float, n a multiple of 8, `dst`
+// aligned): for fresh outputs written at a stride, which plain stores would first read.
+template <typename T>
+inline void stream_values(T* dst, const T* src, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+      for (int64_t c = 0; c < n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+      return;
+    }
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
 template <int kLanes>
 inline float sum_lanes(typename FloatLanes<kLanes>::type v) {
   float partial[kLanes / 2];  // pairwise: a fixed, short dependency chain
@@ -120,6 +135,29 @@ inline float sum_lanes(typename FloatLanes<kLanes>::type v) {
     for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
   }
   return partial[0];
+}
+
+// The lane sums of four vectors into sums[4].
+template <typename Vec>
+inline void sum_lanes4(const Vec v[4], float sums[4]) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  __m256 half[4];  // each vector's 8 (or 16 folded to 8) lanes
+  for (int i = 0; i < 4; ++i) {
+#ifdef __AVX512F__
+    if constexpr (sizeof(Vec) == 64) {
+      const __m512 w = reinterpret_cast<const __m512&>(v[i]);
+      const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+      half[i] = _mm256_add_ps(_mm512_castps512_ps256(w), upper);
+      continue;
+    }
+#endif
+    half[i] = reinterpret_cast<const __m256&>(v[i]);
+  }
+  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+#else
+  for (int i = 0; i < 4; ++i) sums[i] = sum_lanes<sizeof(Vec) / 4>(v[i]);
+#endif
 }
 
 // Asks for the cache lines of the `bytes` bytes at `p` ahead of their use.
@@ -183,6 +221,10 @@ class ChannelRow {
     for (int j = 0; j < kLanes; ++j) dot += partial[j];
     return dot;
   }
+  // dot_and_scatter for the four corners of a point at once.
+  void dot_and_scatter4(const scalar_t* const rows[4], acc_t* const grad_rows[4], const acc_t coef[4], acc_t dot[4]) {
+    for (int i = 0; i < 4; ++i) dot[i] = dot_and_scatter(rows[i], grad_rows[i], coef[i]);
+  }
 
  private:
   int64_t d_;
@@ -230,6 +272,18 @@ class ChannelRow<float, kD, true> {
       store_lanes(grad_row + c, load_lanes<kLanes>(grad_row + c) + coef * v_[j]);
     }
     return sum_lanes<kLanes>(dot);
+  }
+  // The same for the four corners of a point, whose dot products are summed across lanes together.
+  void dot_and_scatter4(const float* const rows[4], float* const grad_rows[4], const float coef[4], float dot[4]) {
+    Vec dots[4] = {};
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < kVectors; ++j) {
+        const int c = kLanes * j;
+        dots[i] += v_[j] * load_lanes<kLanes>(rows[i] + c);
+        store_lanes(grad_rows[i] + c, load_lanes<kLanes>(grad_rows[i] + c) + coef[i] * v_[j]);
+      }
+    }
+    sum_lanes4(dots, dot);
   }
 
  private:
@@ -536,9 +590,19 @@ void forward_padded(const at::Tensor& value, const std::vector<Level>& levels, c
   });
 }
 
-// The padded copy costs a pass over value per call; it pays when the call gathers many corner rows
-// per value row (the encoder: 64 per pixel; the decoder's 300 queries: 0.2).
-inline bool worth_padding(const Sizes& s) { return s.queries * s.levels * s.points >= 4 * s.spatial; }
+// The padded copies cost a pass over value per call; they pay when the call gathers many corner
+// rows per value row (the encoder: 64 per pixel; the decoder's 300 queries: 0.2). They also need the
+// levels laid end to end from pixel 0, as the model has them (a level's gradient is then written
+// once, not added to another's).
+inline bool worth_padding(const Sizes& s, const std::vector<Level>& levels) {
+  if (levels.empty()) return false;
+  int64_t next = 0;
+  for (const Level& lv : levels) {
+    if (lv.start != next) return false;
+    next += lv.height * lv.width;
+  }
+  return s.queries * s.levels * s.points >= 4 * s.spatial;
+}
 
 // ---- Backward ----
 
@@ -646,6 +710,128 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const 
   });
 }
 
+// ---- Backward on padded, head-major copies (the encoder; see forward_padded) ----
+
+// Writes a head's gradient slice (acc_t, padded) back to its channels of grad_value [B, S, M, D]
+// (`grad_bm`: the head's channels of the batch's first pixel; `row`: M*D), borders left out: they
+// hold the gradient of corners outside the maps, which has nowhere to go.
+template <typename acc_t, int kD>
+void store_head(const acc_t* slice, int64_t row, int64_t D, const std::vector<PaddedLevel>& levels, acc_t* grad_bm) {
+  D = kD > 0 ? kD : D;
+  for (const PaddedLevel& lv : levels) {
+    for (int64_t y = 0; y < lv.height; ++y) {
+      const acc_t* src = slice + (lv.origin + y * lv.pitch) * D;
+      acc_t* dst = grad_bm + (lv.start + y * lv.width) * row;
+      for (int64_t x = 0; x < lv.width; ++x) stream_values(dst + x * row, src + x * D, D);
+    }
+  }
+}
+
+// The gradients of the L*K points of one (batch, query, head) whose incoming gradient is in `g`,
+// on the head's padded value slice and gradient slice. Every corner of a point near a map lies in
+// the slices (a corner outside reads zeros: its dot product is 0, as `point_grad` expects, and its
+// gradient lands in a border); far points get zero gradients.
+template <typename scalar_t, int kD, typename acc_t>
+__attribute__((flatten)) void backward_row(ChannelRow<scalar_t, kD>& g, const scalar_t* value_slice,
+                                           acc_t* grad_slice, const std::vector<PaddedLevel>& levels,
+                                           int64_t points, int64_t D, const acc_t* loc, const acc_t* attn,
+                                           acc_t* grad_loc, acc_t* grad_attn) {
+  D = kD > 0 ? kD : D;
+  for (const PaddedLevel& lv : levels) {
+    const acc_t width = static_cast<acc_t>(lv.width), height = static_cast<acc_t>(lv.height);
+    for (int64_t k = 0; k < points; ++k, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
+      const acc_t px = loc[0] * width - acc_t(0.5), py = loc[1] * height - acc_t(0.5);
+      if (!(py >= acc_t(-1) && px >= acc_t(-1) && py < height && px < width)) {
+        grad_loc[0] = grad_loc[1] = *grad_attn = acc_t(0);
+        continue;
+      }
+      const acc_t fx = floor_(px), fy = floor_(py);
+      Footprint<acc_t> fp;
+      fp.lx = px - fx;
+      fp.ly = py - fy;
+      fp.hx = acc_t(1) - fp.lx;
+      fp.hy = acc_t(1) - fp.ly;
+      fp.weight[0] = fp.hy * fp.hx;
+      fp.weight[1] = fp.hy * fp.lx;
+      fp.weight[2] = fp.ly * fp.hx;
+      fp.weight[3] = fp.ly * fp.lx;
+      const int64_t top = lv.origin + static_cast<int64_t>(fy) * lv.pitch + static_cast<int64_t>(fx);
+      const int64_t corner[4] = {top * D, (top + 1) * D, (top + lv.pitch) * D, (top + lv.pitch + 1) * D};
+      const scalar_t* rows[4];
+      acc_t* grad_rows[4];
+      acc_t coef[4], dot[4];
+      for (int i = 0; i < 4; ++i) {
+        rows[i] = value_slice + corner[i];
+        grad_rows[i] = grad_slice + corner[i];
+        coef[i] = fp.weight[i] * *attn;
+      }
+      g.dot_and_scatter4(rows, grad_rows, coef, dot);
+      const PointGrad<acc_t> pg = point_grad(fp, dot, *attn, lv.height, lv.width);
+      grad_loc[0] = pg.loc_x;
+      grad_loc[1] = pg.loc_y;
+      *grad_attn = pg.weight;
+    }
+  }
+}
+
+template <typename scalar_t, int kD>
+void backward_padded(const at::Tensor& grad_out, const at::Tensor& value, const std::vector<Level>& levels,
+                     const at::Tensor& locations, const at::Tensor& weights, at::Tensor& grad_value_acc,
+                     at::Tensor& grad_loc, at::Tensor& grad_attn, const Sizes& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
+  const acc_t* loc_ptr = locations.const_data_ptr<acc_t>();
+  const acc_t* attn_ptr = weights.const_data_ptr<acc_t>();
+  acc_t* gv_ptr = grad_value_acc.mutable_data_ptr<acc_t>();
+  acc_t* gl_ptr = grad_loc.mutable_data_ptr<acc_t>();
+  acc_t* ga_ptr = grad_attn.mutable_data_ptr<acc_t>();
+  const int64_t D = channel_count<kD>(s), M = s.heads, LK = s.levels * s.points, row = M * D;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t)), acc_size = sizeof(acc_t);
+  int64_t slice_pixels = 0;
+  const auto padded = pad_levels(levels, slice_pixels);
+  const int64_t value_bytes = (slice_pixels * D * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 * 64;
+  constexpr int64_t kInputsAhead = 8;  // queries between prefetching a query's inputs and reading them
+
+  // Tasks are (batch, head) pairs, as in backward_kernel: a head's gradient slice is its own (no
+  // atomics, no reduction). A thread copies the head's value into a padded slice, zeroes a padded
+  // gradient slice (together 5.8 MB at the encoder shape: mostly in its L2 cache), walks the head's
+  // rows in query order, then writes the gradient slice into grad_value (which needs no memset).
+  at::parallel_for(0, s.batch * M, 1, [&](int64_t begin, int64_t end) {
+    char* scratch = static_cast<char*>(thread_scratch(value_bytes + slice_pixels * D * acc_size));
+    scalar_t* value_slice = reinterpret_cast<scalar_t*>(scratch);
+    acc_t* grad_slice = reinterpret_cast<acc_t*>(scratch + value_bytes);
+    ChannelRow<scalar_t, kD> g(D);
+    std::vector<acc_t> row_grad_loc(2 * LK), row_grad_attn(LK);  // a row's, streamed out when complete
+    for (int64_t bm = begin; bm < end; ++bm) {
+      const int64_t b = bm / M, m = bm % M;
+      copy_head<scalar_t, kD>(value_ptr + b * s.spatial * row + m * D, row, D, padded, value_slice);
+      std::fill(grad_slice, grad_slice + slice_pixels * D, acc_t(0));
+      for (int64_t q = 0; q < s.queries; ++q) {
+        const int64_t bqm = (b * s.queries + q) * M + m;
+        if (q + kInputsAhead < s.queries) {
+          const int64_t ahead = bqm + kInputsAhead * M;
+          prefetch(loc_ptr + 2 * ahead * LK, 2 * LK * acc_size);
+          prefetch(attn_ptr + ahead * LK, LK * acc_size);
+          prefetch(g_ptr + ahead * D, row_bytes);
+        }
+        g.load(g_ptr + bqm * D);
+        backward_row(g, value_slice, grad_slice, padded, s.points, D, loc_ptr + 2 * bqm * LK, attn_ptr + bqm * LK,
+                     row_grad_loc.data(), row_grad_attn.data());
+        stream_values(gl_ptr + 2 * bqm * LK, row_grad_loc.data(), 2 * LK);
+        stream_values(ga_ptr + bqm * LK, row_grad_attn.data(), LK);
+      }
+      acc_t* grad_bm = gv_ptr + b * s.spatial * row + m * D;
+      store_head<acc_t, kD>(grad_slice, row, D, padded, grad_bm);
+      const int64_t level_pixels = padded.back().start + padded.back().height * padded.back().width;
+      for (int64_t pixel = level_pixels; pixel < s.spatial; ++pixel) {  // in no level: zero gradient
+        std::fill(grad_bm + pixel * row, grad_bm + pixel * row + D, acc_t(0));
+      }
+    }
+    finish_streaming();
+  });
+}
+
 // Runs `kernel(std::integral_constant<int, kD>)` with kD = D for the common head sizes (compiled
 // for that D), else with kD = 0 (any D).
 template <typename Fn>
@@ -668,7 +854,7 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   auto out = new_output(s, value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     with_channels(s.channels, [&](auto kD) {
-      if (worth_padding(s)) {
+      if (worth_padding(s, levels)) {
         forward_padded<scalar_t, kD>(v, levels, loc, attn, out, s);
       } else {
         forward_direct<scalar_t, kD>(v, levels, loc, attn, out, s);
@@ -698,7 +884,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     with_channels(s.channels, [&](auto kD) {
-      backward_kernel<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      if (worth_padding(s, levels)) {
+        backward_padded<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      } else {
+        backward_kernel<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      }
     });
   });
   return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};  // no copy when the dtypes match

@@ -73,8 +73,8 @@ def test_channel_counts_and_thread_splits(channels, threads):
     assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
 
 
-# The forward copies value into padded head-major slices when a call gathers many corner rows per
-# value row (Q * L * K >= 4 * S, the encoder) and reads value in place otherwise (the decoder):
+# The kernels copy value into padded head-major slices when a call gathers many corner rows per
+# value row (Q * L * K >= 4 * S, the encoder) and read value in place otherwise (the decoder):
 # MANY_QUERIES takes the first path (70 * 9 >= 4 * 138), FEW_QUERIES the second.
 MANY_QUERIES = OpShape("many", ((9, 11), (5, 6), (3, 3)), queries=70, batch=3, heads=4, channels=32, points=3)
 FEW_QUERIES = OpShape("few", ((9, 11), (5, 6), (3, 3)), queries=20, batch=3, heads=4, channels=32, points=3)
@@ -83,9 +83,9 @@ FEW_QUERIES = OpShape("few", ((9, 11), (5, 6), (3, 3)), queries=20, batch=3, hea
 @pytest.mark.parametrize("base", [MANY_QUERIES, FEW_QUERIES], ids=lambda s: s.name)
 @pytest.mark.parametrize("channels", [32, 16, 64, 12, 8])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_forward_paths_channel_counts_and_thread_splits(base, channels, threads):
-    """Both forward paths for D = 32/16/64 (16-lane rows with AVX-512), 8 (8-lane rows) and 12
-    (any D), with the (batch, head, query block) tasks split over 1 or 3 threads."""
+def test_both_paths_channel_counts_and_thread_splits(base, channels, threads):
+    """Both paths, forward and backward, for D = 32/16/64 (16-lane rows with AVX-512), 8 (8-lane
+    rows) and 12 (any D), with the tasks split over 1 or 3 threads (mid-batch, mid-head)."""
     shape = OpShape(base.name, base.levels, base.queries, base.batch, base.heads, channels, base.points)
     inputs = make_inputs(shape, torch.float32, seed=channels, margin=0.3)
     before = torch.get_num_threads()
@@ -99,7 +99,8 @@ def test_forward_paths_channel_counts_and_thread_splits(base, channels, threads)
 
 @pytest.mark.parametrize("locations", ["uniform", "local"])
 def test_encoder_like_locations(locations):
-    """REDUCED takes the padded path: uniform locations and model-like local ones (near borders too)."""
+    """REDUCED takes the padded path: uniform locations and model-like local ones (near borders too),
+    forward and backward."""
     inputs = make_inputs(REDUCED, torch.float32, locations=locations)
     assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs))
 
@@ -135,7 +136,7 @@ def test_pixels_in_no_level_get_zero_gradient():
 def test_edge_locations_borders_outside_and_1x1_levels(queries):
     """Points on the [0, 1] borders, exactly one pixel outside (pixel coordinate -1 or H, where only
     the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes; with
-    8 queries (each the same points) the forward takes the padded path (8 * 30 >= 4 * 30 pixels)."""
+    8 queries (each the same points) the kernels take the padded path (8 * 30 >= 4 * 30 pixels)."""
     shape = OpShape(
         "edges", ((5, 3), (1, 1), (2, 7)), queries=queries, batch=1, heads=2, channels=5, points=10
     )
