@@ -103,11 +103,6 @@ def local_locations(shape: OpShape, gen: torch.Generator, radius: float = 4.0) -
     centres = torch.cat(centres)
     reference = centres[torch.arange(shape.queries) % len(centres)]  # [Q, 2]
     L = len(shape.levels)
-    offsets = (
-        torch.rand(
-            shape.batch, shape.queries, shape.heads, L, shape.points, 2, generator=gen, dtype=torch.float64
-        )
-        * 2
-        - 1
-    ) * radius
+    size = (shape.batch, shape.queries, shape.heads, L, shape.points, 2)
+    offsets = (torch.rand(size, generator=gen, dtype=torch.float64) * 2 - 1) * radius
     return reference.view(1, -1, 1, 1, 1, 2) + offsets / levels.flip(-1).view(1, 1, 1, L, 1, 2)

@@ -226,7 +226,7 @@ def test_failed_build_falls_back_to_reference_with_one_warning(monkeypatch, tmp_
     broken = tmp_path / "cuda_ops"
     broken.mkdir()
     real = ops_build.sources_dir()
-    for name in ("ms_deform_attn_math.h", "ms_deform_attn_common.h"):
+    for name in ops_build._headers("cpu"):
         (broken / name).write_text((real / name).read_text())
     (broken / "ms_deform_attn_cpu.cpp").write_text("this is not C++\n")
     monkeypatch.setattr(ops_build, "sources_dir", lambda: broken)
