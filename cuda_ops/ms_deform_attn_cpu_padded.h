@@ -46,10 +46,10 @@ inline std::vector<PaddedLevel> pad_levels(const std::vector<Level>& levels, int
   return padded;
 }
 
-// Copies one head of value (`value_bm`: its channels of the batch's first pixel; `row`: the stride
-// between pixels, M*D) into `slice` [pixels, D], each level with its zero border.
 constexpr int64_t kCopyAhead = 16;  // pixels between prefetching a value row and copying it
 
+// Copies one head of value (`value_bm`: its channels of the batch's first pixel; `row`: the stride
+// between pixels, M*D) into `slice` [pixels, D], each level with its zero border.
 template <typename scalar_t, int kD>
 void copy_head(const scalar_t* value_bm, int64_t row, int64_t D, const std::vector<PaddedLevel>& levels,
                scalar_t* slice) {
@@ -62,7 +62,7 @@ void copy_head(const scalar_t* value_bm, int64_t row, int64_t D, const std::vect
       const scalar_t* src = value_bm + (lv.start + y * lv.width) * row;
       std::fill(dst, dst + D, scalar_t(0));
       for (int64_t x = 0; x < lv.width; ++x) {
-        prefetch(src + (x + kCopyAhead) * row, D * sizeof(scalar_t));
+        if (x + kCopyAhead < lv.width) prefetch(src + (x + kCopyAhead) * row, D * sizeof(scalar_t));
         std::memcpy(dst + (x + 1) * D, src + x * row, D * sizeof(scalar_t));
       }
       std::fill(dst + (lv.width + 1) * D, dst + (lv.width + 2) * D, scalar_t(0));
