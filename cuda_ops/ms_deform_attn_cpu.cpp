@@ -9,13 +9,16 @@
 // one head at one pixel are contiguous. Both kernels are organised so the innermost loop runs
 // over those D channels: it vectorises, and each corner gather reads one contiguous run.
 //
-// What the speed comes from (BENCHMARKS.md has the figures): the (batch, query, head) rows are
-// walked in memory order, so the per-query inputs are read as streams; the footprints of the next
-// row are computed, and the value / grad_value rows they touch prefetched, before the current row
-// is processed (the sampled rows are scattered, which the hardware prefetchers cannot follow);
-// for float rows of 8n channels (the model's D = 32) the channel loops run on explicit 8-lane
-// vectors held in registers; the backward needs no atomics (a head's grad_value rows belong to
-// one thread) and no memset passes over its outputs.
+// What the speed comes from (BENCHMARKS.md has the figures). Calls with many points per value
+// pixel (the encoder) work head by head on a padded, head-major copy of that head's value (one per
+// thread, 2.9 MB at the encoder shape: it stays in L2 for the head's scattered reads; a zero border
+// makes every corner of a point near the map a plain read, and a bilinear row's two corners one
+// contiguous run); with AVX-512 the footprints of 16 points are made at once; outputs written at a
+// stride use streaming stores. Calls with few points per pixel (the decoder) read value in place,
+// row by row in memory order, making the next row's footprints and prefetching the value rows they
+// touch before the current row is processed. Float rows of 8n channels (the model's D = 32) run on
+// explicit 8- or 16-lane vectors held in registers; the backward needs no atomics (a head's
+// gradient belongs to one thread) and no memset passes over its outputs.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -32,150 +36,14 @@
 #include <vector>
 
 #include "ms_deform_attn_common.h"
+#include "ms_deform_attn_cpu_padded.h"
+#include "ms_deform_attn_cpu_rows.h"
 #include "ms_deform_attn_math.h"
 
 namespace ddetr_msda {
 namespace {
 
-// ---- Rows of D channels: the innermost loops ----
-
-// The D channels of one head as a local buffer: on the stack when D is known at compile time, on
-// the heap otherwise.
-template <typename T, int kD>
-struct Channels {
-  explicit Channels(int64_t) {}
-  T* data() { return values; }
-  T values[kD];
-};
-
-template <typename T>
-struct Channels<T, 0> {
-  explicit Channels(int64_t count) : values(count) {}
-  T* data() { return values.data(); }
-  std::vector<T> values;
-};
-
-// A kernel instance is compiled for one channel count kD (0: any, read at run time).
-template <int kD>
-inline int64_t channel_count(const Sizes& s) {
-  return kD > 0 ? kD : s.channels;
-}
-
-// Eight float lanes: one AVX register (GCC and Clang lower it to whatever vectors the target has).
-typedef float Float8 __attribute__((vector_size(32)));
-
-inline Float8 load8(const float* p) {
-  Float8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof v); }
-
-inline float sum8(Float8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-// Asks for the cache lines of the `bytes` bytes at `p` ahead of their use.
-inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
-}
-
-// One sampling point ready to gather: its four corner rows (the zero row for corners outside the
-// map) and their bilinear weights multiplied by the point's attention weight.
-template <typename scalar_t, typename acc_t>
-struct Taps {
-  const scalar_t* row[4];
-  acc_t weight[4];
-};
-
-// The per-row arithmetic of both kernels, in acc_t over the D channels of one head: a portable
-// loop for any dtype and D (the compiler vectorises what it can), and below it the same on Float8
-// vectors kept in registers for float rows of 8n channels.
-template <typename scalar_t, int kD, bool kFloat8 = (std::is_same<scalar_t, float>::value && kD > 0 && kD % 8 == 0)>
-class ChannelRow {
- public:
-  using acc_t = at::opmath_type<scalar_t>;
-  explicit ChannelRow(int64_t channels) : d_(channels), v_(channels) {}
-
-  // Forward: the row is an accumulator; v += sum_i weight_i * row_i, then stored as scalar_t.
-  void zero() { std::fill(v_.data(), v_.data() + d_, acc_t(0)); }
-  void add(const Taps<scalar_t, acc_t>& t) {
-    acc_t* __restrict v = v_.data();
-    for (int64_t c = 0; c < d_; ++c) {
-      v[c] += t.weight[0] * static_cast<acc_t>(t.row[0][c]) + t.weight[1] * static_cast<acc_t>(t.row[1][c]) +
-              t.weight[2] * static_cast<acc_t>(t.row[2][c]) + t.weight[3] * static_cast<acc_t>(t.row[3][c]);
-    }
-  }
-  void store(scalar_t* out) const {
-    for (int64_t c = 0; c < d_; ++c) out[c] = static_cast<scalar_t>(v_.values[c]);
-  }
-
-  // Backward: the row holds the incoming gradient g of one (batch, query, head). For one corner,
-  // adds coef * g to its grad_value row and returns <g, row>. The dot product keeps kLanes partial
-  // sums: one running sum is a reduction the compiler may not vectorise without -ffast-math.
-  void load(const scalar_t* grad_out) {
-    for (int64_t c = 0; c < d_; ++c) v_.data()[c] = static_cast<acc_t>(grad_out[c]);
-  }
-  acc_t dot_and_scatter(const scalar_t* __restrict row, acc_t* __restrict grad_row, acc_t coef) {
-    constexpr int kLanes = 8;
-    const acc_t* __restrict g = v_.data();
-    acc_t partial[kLanes] = {};
-    int64_t c = 0;
-    for (; c + kLanes <= d_; c += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        partial[j] += g[c + j] * static_cast<acc_t>(row[c + j]);
-        grad_row[c + j] += coef * g[c + j];
-      }
-    }
-    acc_t dot = 0;
-    for (; c < d_; ++c) {
-      dot += g[c] * static_cast<acc_t>(row[c]);
-      grad_row[c] += coef * g[c];
-    }
-    for (int j = 0; j < kLanes; ++j) dot += partial[j];
-    return dot;
-  }
-
- private:
-  int64_t d_;
-  Channels<acc_t, kD> v_;
-};
-
-template <int kD>
-class ChannelRow<float, kD, true> {
- public:
-  explicit ChannelRow(int64_t) {}
-
-  void zero() {
-    for (Float8& v : v_) v = Float8{};
-  }
-  void add(const Taps<float, float>& t) {
-    for (int j = 0; j < kVectors; ++j) {
-      v_[j] += t.weight[0] * load8(t.row[0] + 8 * j) + t.weight[1] * load8(t.row[1] + 8 * j) +
-               t.weight[2] * load8(t.row[2] + 8 * j) + t.weight[3] * load8(t.row[3] + 8 * j);
-    }
-  }
-  void store(float* out) const {
-    for (int j = 0; j < kVectors; ++j) store8(out + 8 * j, v_[j]);
-  }
-
-  void load(const float* grad_out) {
-    for (int j = 0; j < kVectors; ++j) v_[j] = load8(grad_out + 8 * j);
-  }
-  float dot_and_scatter(const float* row, float* grad_row, float coef) {
-    Float8 dot = {};
-    for (int j = 0; j < kVectors; ++j) {
-      dot += v_[j] * load8(row + 8 * j);
-      store8(grad_row + 8 * j, load8(grad_row + 8 * j) + coef * v_[j]);
-    }
-    return sum8(dot);
-  }
-
- private:
-  static constexpr int kVectors = kD / 8;
-  Float8 v_[kVectors];
-};
-
-// ---- Forward ----
+// ---- Forward on value as it is (calls with few points per pixel: the decoder) ----
 
 // The taps of the L*K points of one (batch, query, head) into `taps`, prefetching their rows;
 // returns how many points touch a map (the others are left out). `value_bm`: the head's channels
@@ -202,7 +70,7 @@ __attribute__((flatten)) int64_t make_taps(const scalar_t* value_bm, const std::
 }
 
 template <typename scalar_t, int kD>
-void forward_kernel(const at::Tensor& value, const std::vector<Level>& levels, const at::Tensor& locations,
+void forward_direct(const at::Tensor& value, const std::vector<Level>& levels, const at::Tensor& locations,
                     const at::Tensor& weights, at::Tensor& out, const Sizes& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* value_ptr = value.const_data_ptr<scalar_t>();
@@ -364,7 +232,13 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   const auto attn = attention_weights.contiguous();
   auto out = new_output(s, value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    with_channels(s.channels, [&](auto kD) { forward_kernel<scalar_t, kD>(v, levels, loc, attn, out, s); });
+    with_channels(s.channels, [&](auto kD) {
+      if (worth_padding(s, levels)) {
+        forward_padded<scalar_t, kD>(v, levels, loc, attn, out, s);
+      } else {
+        forward_direct<scalar_t, kD>(v, levels, loc, attn, out, s);
+      }
+    });
   });
   return out;
 }
@@ -389,7 +263,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   auto grad_attn = at::empty(attn.sizes(), attn.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     with_channels(s.channels, [&](auto kD) {
-      backward_kernel<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      if (worth_padding(s, levels)) {
+        backward_padded<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      } else {
+        backward_kernel<scalar_t, kD>(go, v, levels, loc, attn, grad_value_acc, grad_loc, grad_attn, s);
+      }
     });
   });
   return {grad_value_acc.to(value.scalar_type()), grad_loc, grad_attn};  // no copy when the dtypes match

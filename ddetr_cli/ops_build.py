@@ -48,7 +48,7 @@ _EMULATION = [
 _SOURCES = {"cpu": ["ms_deform_attn_cpu.cpp"], "cuda": ["ms_deform_attn_cuda.cu"], "emulation": _EMULATION}
 _HEADERS = ["ms_deform_attn_math.h", "ms_deform_attn_common.h"]
 _KERNEL_HEADERS = {  # beyond _HEADERS
-    "cpu": [],
+    "cpu": ["ms_deform_attn_cpu_rows.h", "ms_deform_attn_cpu_padded.h"],
     "cuda": ["ms_deform_attn_kernels.cuh"],
     "emulation": [
         "ms_deform_attn_kernels.cuh",

@@ -14,6 +14,7 @@ from op_helpers import REDUCED, assert_match, edge_locations, kernel, outputs_an
 from op_helpers import no_forced_backend as no_forced_backend  # autouse: DDETR_MSDA unset
 
 from ddetr_cli import ops, ops_build
+from ddetr_cli.console import UserError
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_cli.ops_inputs import ENCODER_LEVELS, OpShape, make_inputs, standard_shapes
 
@@ -72,6 +73,53 @@ def test_channel_counts_and_thread_splits(channels, threads):
     assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
 
 
+# The kernels copy value into padded head-major slices when a call gathers many corner rows per
+# value row (Q * L * K >= 4 * S, the encoder) and read value in place otherwise (the decoder):
+# MANY_QUERIES takes the first path (70 * 9 >= 4 * 138), FEW_QUERIES the second.
+MANY_QUERIES = OpShape("many", ((9, 11), (5, 6), (3, 3)), queries=70, batch=3, heads=4, channels=32, points=3)
+FEW_QUERIES = OpShape("few", ((9, 11), (5, 6), (3, 3)), queries=20, batch=3, heads=4, channels=32, points=3)
+
+
+@pytest.mark.parametrize("base", [MANY_QUERIES, FEW_QUERIES], ids=lambda s: s.name)
+@pytest.mark.parametrize("channels", [32, 16, 64, 12, 8])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_both_paths_channel_counts_and_thread_splits(base, channels, threads):
+    """Both paths, forward and backward, for D = 32/16/64 (16-lane rows with AVX-512), 8 (8-lane
+    rows) and 12 (any D), with the tasks split over 1 or 3 threads (mid-batch, mid-head)."""
+    shape = OpShape(base.name, base.levels, base.queries, base.batch, base.heads, channels, base.points)
+    inputs = make_inputs(shape, torch.float32, seed=channels, margin=0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = outputs_and_grads(kernel, inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.parametrize("locations", ["uniform", "local"])
+def test_encoder_like_locations(locations):
+    """REDUCED takes the padded path: uniform locations and model-like local ones (near borders too),
+    forward and backward."""
+    inputs = make_inputs(REDUCED, torch.float32, locations=locations)
+    assert_match(outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_padded_forward_other_dtypes(dtype):
+    """The padded forward with double (scalar footprints) and half-precision values (copied as they
+    are, accumulated in float): equal to the reference on the same values."""
+    value, shapes, starts, loc, attn = make_inputs(
+        MANY_QUERIES, torch.float32 if dtype != torch.float64 else dtype
+    )
+    value = value.to(dtype)
+    actual = kernel(value, shapes, starts, loc, attn)
+    assert actual.dtype == dtype
+    expected = ms_deform_attn_reference(value.to(loc.dtype), shapes, starts, loc, attn)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(actual.to(loc.dtype), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_pixels_in_no_level_get_zero_gradient():
     """value may hold pixels after the last level (S > sum H*W): the output ignores them and their
     gradient is exactly zero (the backward's outputs start uninitialised)."""
@@ -84,15 +132,34 @@ def test_pixels_in_no_level_get_zero_gradient():
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
-def test_edge_locations_borders_outside_and_1x1_levels():
+@pytest.mark.parametrize("queries", [1, 8])
+def test_edge_locations_borders_outside_and_1x1_levels(queries):
     """Points on the [0, 1] borders, exactly one pixel outside (pixel coordinate -1 or H, where only
-    the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes."""
-    shape = OpShape("edges", ((5, 3), (1, 1), (2, 7)), queries=1, batch=1, heads=2, channels=5, points=10)
+    the derivative of a zero-weight corner survives), far outside, on a 1x1 level and odd sizes; with
+    8 queries (each the same points) the kernels take the padded path (8 * 30 >= 4 * 30 pixels)."""
+    shape = OpShape(
+        "edges", ((5, 3), (1, 1), (2, 7)), queries=queries, batch=1, heads=2, channels=5, points=10
+    )
     value, shapes, starts, _, attn = make_inputs(shape, torch.float64)
-    inputs = (value, shapes, starts, edge_locations(shape), attn)
+    loc = edge_locations(shape).expand(1, queries, -1, -1, -1, -1).contiguous()
+    inputs = (value, shapes, starts, loc, attn)
     assert_match(
         outputs_and_grads(kernel, inputs), outputs_and_grads(ms_deform_attn_reference, inputs), 1e-10
     )
+
+
+@pytest.mark.parametrize("queries", [1, 8])
+def test_edge_locations_float32_forward(queries):
+    """The same points in float32 (with AVX-512, 30 points = one full and one partial 16-lane
+    footprint vector). The forward only: on a cell edge the location gradient jumps, and fp32
+    rounding may put the reference and the kernel on either side of it."""
+    shape = OpShape(
+        "edges", ((5, 3), (1, 1), (2, 7)), queries=queries, batch=1, heads=2, channels=5, points=10
+    )
+    value, shapes, starts, _, attn = make_inputs(shape, torch.float32)
+    loc = edge_locations(shape).expand(1, queries, -1, -1, -1, -1).float().contiguous()
+    expected = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(kernel(value, shapes, starts, loc, attn), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_points_outside_give_zero_output_and_gradient():
@@ -159,7 +226,7 @@ def test_failed_build_falls_back_to_reference_with_one_warning(monkeypatch, tmp_
     broken = tmp_path / "cuda_ops"
     broken.mkdir()
     real = ops_build.sources_dir()
-    for name in ("ms_deform_attn_math.h", "ms_deform_attn_common.h"):
+    for name in ops_build._headers("cpu"):
         (broken / name).write_text((real / name).read_text())
     (broken / "ms_deform_attn_cpu.cpp").write_text("this is not C++\n")
     monkeypatch.setattr(ops_build, "sources_dir", lambda: broken)
@@ -272,6 +339,7 @@ def test_bench_op_command_writes_table_and_json(tmp_path, capsys):
         warmup=0,
         repeats=1,
         backward=True,
+        locations="Uniform",
         json_out=out,
     )
     report = json.loads(out.read_text())
@@ -281,6 +349,43 @@ def test_bench_op_command_writes_table_and_json(tmp_path, capsys):
     assert rows["cpu"]["forward_ms"] > 0 and rows["cpu"]["forward_backward_speedup"] > 0
     printed = capsys.readouterr().out
     assert "fwd+bwd ms" in printed and "x ref" in printed and "reference" in printed
+    assert report["locations"] == "uniform" and "uniform locations" in printed
+
+
+def test_bench_op_local_locations_and_bad_value():
+    from ddetr_cli.commands.bench_op import bench_op_report
+
+    report = bench_op_report(
+        shapes=("decoder",), batches=(1,), dtypes=("float32",), device="cpu", repeats=1, locations="local"
+    )
+    assert report["locations"] == "local" and {r["backend"] for r in report["results"]} == {
+        "reference",
+        "cpu",
+    }
+    with pytest.raises(UserError, match="--locations must be uniform or local, got 'near'"):
+        bench_op_report(shapes=("decoder",), batches=(1,), device="cpu", locations="near")
+
+
+def test_local_locations_stay_near_their_query():
+    """Each point within 4 pixels (of its level) of its query's pixel centre, queries in pixel order."""
+    shape = OpShape("l", ((6, 8), (3, 4)), queries=60, batch=2, heads=2, channels=4, points=3)
+    loc = make_inputs(shape, torch.float64, locations="local", avoid_cell_edges=False)[3]
+    centres = (
+        torch.cat(
+            [
+                torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+                .flip(-1)
+                .reshape(-1, 2)
+                for h, w in shape.levels
+            ]
+        ).double()
+        + 0.5
+    )
+    sizes = torch.tensor([[8.0, 6.0], [4.0, 3.0]])  # (W, H) per level
+    query_size = torch.cat([sizes[0].expand(48, 2), sizes[1].expand(12, 2)])  # each query's own level
+    reference = centres / query_size  # [60, 2] normalised
+    pixels = (loc - reference.view(1, 60, 1, 1, 1, 2)) * sizes.view(1, 1, 1, 2, 1, 2)
+    assert pixels.abs().max() <= 4 and pixels.abs().max() > 3
 
 
 def test_build_ops_report_cpu():

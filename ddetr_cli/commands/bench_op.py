@@ -3,14 +3,15 @@ side (PyTorch reference, compiled CPU kernel, compiled CUDA kernel) at the stand
 
 Python API:
     bench_op_report(shapes=("encoder", "decoder"), batches=(1, 2), dtypes=None, device=None,
-                    backends=None, warmup=1, repeats=5, backward=True) -> report dict
+                    backends=None, warmup=1, repeats=5, backward=True, locations="uniform") -> report dict
 
 Timing: `warmup` untimed rounds, then the median of `repeats` timed ones; a round times every
 backend once in turn (interleaved, so that a shared machine's load drifts hit all backends alike),
 with a CUDA synchronise before each clock read. "forward" runs under no_grad (inference);
 "fwd+bwd" is a forward with gradients followed by the backward for value, sampling locations and
 attention weights. Speed-ups are against the reference at the same shape, batch and dtype,
-measured in the same run.
+measured in the same run. Sampling locations are uniform over the maps (scattered reads: the
+default) or, with locations="local", model-like (each point within 4 pixels of its query).
 """
 
 # Typer evaluates the annotations at run time: Optional[...] keeps the commands working on Python 3.9.
@@ -31,11 +32,13 @@ EXAMPLES = [
     "ddetr bench op --shapes encoder --batch 1 --dtypes float32 --repeats 3 --json op.json",
     "ddetr bench op --device cuda --dtypes float32,bfloat16 --repeats 20",
     "ddetr bench op --backends cpu,reference --no-backward",
+    "ddetr bench op --shapes encoder --batch 1 --locations local",
 ]
 SHAPES = ("encoder", "decoder")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 DTYPES.update({"bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"})
 DEVICE_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "float16", "bfloat16")}
+LOCATIONS = ("uniform", "local")
 
 
 def _op_for(backend: str):
@@ -98,6 +101,7 @@ def bench_op_report(
     warmup: int = 1,
     repeats: int = 5,
     backward: bool = True,
+    locations: str = "uniform",
 ) -> dict:
     """Time every (shape, batch, dtype, backend); see the module docstring for the method."""
     import torch
@@ -117,6 +121,8 @@ def bench_op_report(
         if name not in DTYPES.values():
             expected = "float32, float16, bfloat16 or float64"
             raise UserError(f"--dtypes: unknown dtype {name!r}; expected {expected}")
+    if locations not in LOCATIONS:
+        raise UserError(f"--locations must be {' or '.join(LOCATIONS)}, got {locations!r}")
     usable = available_backends(dev)
     chosen = list(backends or usable)
     for name in chosen:
@@ -132,7 +138,7 @@ def bench_op_report(
         for shape in (s for s in standard_shapes(batch) if s.name in shapes):
             for dtype_name in dtype_names:
                 dtype = getattr(torch, dtype_name)
-                inputs = make_inputs(shape, dtype, device=dev)
+                inputs = make_inputs(shape, dtype, device=dev, locations=locations)
                 baseline = {}
                 info(f"{shape.name} batch {batch} {dtype_name}: {', '.join(chosen)}...")
                 timings = _time_backends(chosen, inputs, dev, warmup, repeats, backward)
@@ -155,6 +161,7 @@ def bench_op_report(
         "threads": torch.get_num_threads(),
         "warmup": warmup,
         "repeats": repeats,
+        "locations": locations,
         "results": rows,
     }
 
@@ -167,7 +174,8 @@ def _print_report(report: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    where = f"{report['device']} ({report['threads']} threads, torch {report['torch']})"
+    details = f"{report['threads']} threads, torch {report['torch']}, {report['locations']} locations"
+    where = f"{report['device']} ({details})"
     table = Table(title=f"Deformable attention op - {where}", box=box.SIMPLE_HEAD)
     for column in ("shape", "B", "dtype", "backend"):
         table.add_column(column, no_wrap=True)
@@ -207,6 +215,11 @@ def bench_op(
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed calls first."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed calls; the median is reported."),
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Also time forward+backward."),
+    locations: str = typer.Option(
+        "uniform",
+        "--locations",
+        help="Sampling locations: uniform over the maps, or local (model-like: within 4 px of each query).",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON to this path."),
 ) -> None:
     """Benchmark the deformable attention op: forward and forward+backward time of every available
@@ -229,6 +242,7 @@ def bench_op(
         warmup=warmup,
         repeats=repeats,
         backward=backward,
+        locations=locations.lower(),
     )
     _print_report(report)
     if json_out is not None:
