@@ -19,6 +19,7 @@ from torch.autograd.profiler import record_function
 from ddetr_cli.engine.hf_compare import HfDetector, ddetr_detector, hf_twin
 from ddetr_cli.engine.inference import parse_imgsz
 from ddetr_cli.model import DeformableDetrConfig, build_model
+from ddetr_cli.model.fused import fuse_for_inference
 
 STAGES = ("backbone", "input_proj", "encoder", "decoder", "heads", "postprocess")
 
@@ -96,17 +97,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(DeformableDetrConfig(backbone="resnet50", num_classes=91)).eval()
     twin = hf_twin(model)
+    fused = fuse_for_inference(model)  # as `ddetr bench` runs it
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, height, width, dtype=torch.bool)
     sizes = torch.tensor([[height, width]])
     sides = {
-        "ddetr": (ddetr_detector(model), ddetr_stages(model)),
+        "ddetr": (ddetr_detector(fused), ddetr_stages(fused)),
         "hf": (HfDetector(twin), hf_stages(twin)),
     }
     results = {name: profile(d, s, images, mask, sizes, args.iters) for name, (d, s) in sides.items()}
-    print(
-        f"## {height}x{width}, batch 1, fp32, {torch.get_num_threads()} threads, {args.iters} profiled calls\n"
-    )
+    threads = torch.get_num_threads()
+    print(f"## {height}x{width}, batch 1, fp32, {threads} threads, {args.iters} profiled calls\n")
     print("| stage | ddetr ms | hf ms | hf / ddetr |\n|---|---|---|---|")
     for stage in (*STAGES[:-1], "total"):
         ours = results["ddetr"][1] if stage == "total" else results["ddetr"][0].get(stage, 0.0)

@@ -3,11 +3,16 @@
 `fuse_for_inference(model)` returns a deep copy in which
 - every FrozenBatchNorm2d of the ResNet is folded into the convolution before it (weight * scale,
   bias = shift), removing two full passes over each feature map;
+- the ResNet's ReLUs and residual additions run inside its convolutions (oneDNN post-ops, see
+  fused_resnet.py), on CPU;
 - the backbone and the input projections run in channels_last (NHWC) memory, the layout oneDNN's
   convolutions use natively, and which makes flattening the maps into tokens a view;
 - what depends on the input size only (position encodings of unpadded maps, the encoder's reference
   points) is computed once per size and reused;
-- only the last decoder layer's predictions are computed (aux_loss off: nothing trains this copy).
+- only the last decoder layer's predictions are computed (aux_loss off: nothing trains this copy);
+- the decoder runs on one intra-op thread, except for its projections of the encoder memory: its
+  other ops work on a few hundred queries, too little to split across threads, and each split op
+  waits for a second thread to be scheduled (milliseconds per op on a busy machine).
 
 The outputs differ from the original's by float rounding only (tests/test_fused.py). The copy's
 module tree and state dict differ from the checkpoint layout: it is for running, never for training
@@ -17,12 +22,14 @@ or saving (`model.fused_for_inference` is True on it).
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from ddetr_cli.model.backbone import FrozenBatchNorm2d
+from ddetr_cli.model.backbone import FrozenBatchNorm2d, ResNetBackbone
+from ddetr_cli.model.fused_resnet import fuse_resnet_blocks, pointwise_available
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -31,6 +38,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     fused.requires_grad_(False)
     cnn = fused.backbone[0]
     fold_frozen_batchnorms(cnn)
+    if isinstance(cnn, ResNetBackbone) and pointwise_available():
+        fuse_resnet_blocks(cnn.body)
     if hasattr(cnn, "body"):
         cnn.body = ChannelsLast(cnn.body)
         cnn.body.to(memory_format=torch.channels_last)
@@ -39,6 +48,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     encoder = fused.transformer.encoder
     encoder.get_reference_points = ReferencePointCache(encoder.get_reference_points)
     fused.aux_loss = False
+    decoder = fused.transformer.decoder
+    decoder.forward = on_one_thread(decoder.forward)
+    for layer in decoder.layers:
+        layer.cross_attn.value_proj = AllThreads(layer.cross_attn.value_proj)
     fused.fused_for_inference = True
     return fused
 
@@ -123,3 +136,41 @@ def _remembered(cache: OrderedDict, key, size: int, compute) -> torch.Tensor:
     if len(cache) > size:
         cache.popitem(last=False)
     return value
+
+
+_outer_threads: list[int] = []  # the thread counts that on_one_thread calls replaced, innermost last
+
+
+def on_one_thread(forward):
+    """`forward` run with one intra-op thread (the setting is restored afterwards, also on errors)."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        outer = torch.get_num_threads()
+        _outer_threads.append(outer)
+        torch.set_num_threads(1)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.set_num_threads(outer)
+            _outer_threads.pop()
+
+    return run
+
+
+class AllThreads(nn.Module):
+    """Runs `module` with the thread count in force outside the innermost on_one_thread call."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _outer_threads:
+            return self.module(x)
+        inner = torch.get_num_threads()
+        torch.set_num_threads(_outer_threads[-1])
+        try:
+            return self.module(x)
+        finally:
+            torch.set_num_threads(inner)
