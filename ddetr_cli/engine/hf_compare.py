@@ -17,21 +17,26 @@ from ddetr_cli.benchmarking import percentile, synchronize
 from ddetr_cli.console import UserError
 
 
+def require_transformers(backbone_layout: str = "timm") -> None:
+    """UserError unless transformers (and timm, for the timm layout) can be imported."""
+    for package, needed in (("transformers", True), ("timm", backbone_layout == "timm")):
+        if not needed:
+            continue
+        try:
+            __import__(package)
+        except ImportError:
+            raise UserError(f"--compare-hf needs {package}: pip install transformers timm") from None
+
+
 def hf_twin(model, backbone_layout: str = "timm"):
     """`model`'s weights in a Hugging Face `DeformableDetrForObjectDetection` (eval mode, same device).
 
     UserError when transformers (or timm, for the timm layout) is missing or the backbone has no
-    Hugging Face equivalent.
+    Hugging Face equivalent (the tiny demo backbone).
     """
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("--compare-hf needs transformers: pip install transformers timm") from None
-    if backbone_layout == "timm":
-        try:
-            import timm  # noqa: F401 - the published checkpoints' backbone
-        except ImportError:
-            raise UserError("--compare-hf needs timm for the ResNet backbone: pip install timm") from None
+    require_transformers(backbone_layout)
+    import transformers
+
     from ddetr_cli.model.checkpoint import to_hf_config, to_hf_state_dict
 
     try:
@@ -136,17 +141,26 @@ def latency_summary(latencies: list[float], batch_size: int) -> dict:
 
 
 def compare_hf(
-    model, images, mask, device, warmup: int, iters: int, backbone_layout: str = "timm", unfused: bool = False
+    model,
+    images,
+    mask,
+    device,
+    warmup: int,
+    iters: int,
+    backbone_layout: str = "timm",
+    unfused: bool = False,
+    twin=None,
 ) -> dict:
     """Time ddetr (fused for inference, as `ddetr bench` runs it) and its Hugging Face twin
     interleaved on `images` / `mask` (fp32) -> report dict: per side images/s and latency, `speedup`
     (HF median / ours), per-round ratios, and how far the two sides' detections are apart.
-    `unfused`: time the model as trained / saved too (`ddetr_unfused`, `speedup_unfused`)."""
+    `unfused`: time the model as trained / saved too (`ddetr_unfused`, `speedup_unfused`).
+    `twin`: hf_twin(model, backbone_layout) when already built."""
     import torch
 
     from ddetr_cli.model.fused import fuse_for_inference
 
-    twin = HfDetector(hf_twin(model, backbone_layout))
+    twin = HfDetector(twin if twin is not None else hf_twin(model, backbone_layout))
     sides = {"ddetr": ddetr_detector(fuse_for_inference(model))}
     if unfused:
         sides["ddetr_unfused"] = ddetr_detector(model)

@@ -5,8 +5,8 @@
   bias = shift), removing two full passes over each feature map;
 - the ResNet's ReLUs and residual additions run inside its convolutions (oneDNN post-ops, see
   fused_resnet.py), on CPU;
-- the backbone and the input projections run in channels_last (NHWC) memory, the layout oneDNN's
-  convolutions use natively, and which makes flattening the maps into tokens a view;
+- on CPU, the ResNet and the input projections run in channels_last (NHWC) memory, the layout
+  oneDNN's convolutions use natively, and which makes flattening the maps into tokens a view;
 - what depends on the input size only (position encodings of unpadded maps, the encoder's reference
   points) is computed once per size and reused;
 - only the last decoder layer's predictions are computed (aux_loss off: nothing trains this copy);
@@ -33,14 +33,17 @@ from ddetr_cli.model.fused_resnet import fuse_resnet_blocks, pointwise_available
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """A fused eval-mode copy of a DeformableDETR (the original is untouched)."""
+    """A fused eval-mode copy of a DeformableDETR (the original is untouched); a fused model itself."""
+    if getattr(model, "fused_for_inference", False):
+        return model
     fused = copy.deepcopy(model).eval()
     fused.requires_grad_(False)
     cnn = fused.backbone[0]
     fold_frozen_batchnorms(cnn)
-    if isinstance(cnn, ResNetBackbone) and pointwise_available():
+    resnet_on_cpu = isinstance(cnn, ResNetBackbone) and next(fused.parameters()).device.type == "cpu"
+    if resnet_on_cpu and pointwise_available():
         fuse_resnet_blocks(cnn.body)
-    if hasattr(cnn, "body"):
+    if resnet_on_cpu:  # (fp32 convolutions on a GPU are not faster in NHWC)
         cnn.body = ChannelsLast(cnn.body)
         cnn.body.to(memory_format=torch.channels_last)
         fused.input_proj.to(memory_format=torch.channels_last)

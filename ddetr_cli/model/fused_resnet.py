@@ -24,10 +24,12 @@ def fuse_resnet_blocks(body: nn.Module) -> None:
     ReLU and every BasicBlock / Bottleneck become fused oneDNN convolutions."""
     for name, child in list(body.named_children()):
         if isinstance(child, (BasicBlock, Bottleneck)):
-            setattr(body, name, FusedBlock(child))
+            if all(isinstance(norm, nn.Identity) for norm in _norms(child)):  # else trainable BatchNorms
+                setattr(body, name, FusedBlock(child))
         elif (
             name == "conv1"
             and isinstance(child, nn.Conv2d)
+            and isinstance(getattr(body, "bn1", None), nn.Identity)
             and isinstance(getattr(body, "relu", None), nn.ReLU)
         ):
             body.conv1 = FusedConv(child, "relu")
@@ -71,10 +73,7 @@ class FusedBlock(nn.Module):
 
     def __init__(self, block: BasicBlock | Bottleneck):
         super().__init__()
-        norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
-        if block.downsample is not None:
-            norms.append(block.downsample[1])
-        if not all(isinstance(norm, nn.Identity) for norm in norms):
+        if not all(isinstance(norm, nn.Identity) for norm in _norms(block)):
             raise ValueError("fold the block's BatchNorms into its convolutions first")
         convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
         self.inner = nn.ModuleList(FusedConv(conv, "relu") for conv in convs[:-1])
@@ -87,3 +86,8 @@ class FusedBlock(nn.Module):
         for conv in self.inner:
             out = conv(out)
         return self.last(out, identity)
+
+
+def _norms(block: BasicBlock | Bottleneck) -> list[nn.Module]:
+    norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+    return norms + ([] if block.downsample is None else [block.downsample[1]])
