@@ -25,7 +25,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
+            x = F.relu(layer(x), inplace=True)
         return self.layers[-1](x)
 
 

@@ -7,6 +7,7 @@
   fused_resnet.py), on CPU;
 - on CPU, the ResNet and the input projections run in channels_last (NHWC) memory, the layout
   oneDNN's convolutions use natively, and which makes flattening the maps into tokens a view;
+- each deformable attention computes its sampling offsets and attention weights in one linear layer;
 - what depends on the input size only (position encodings of unpadded maps, the encoder's reference
   points) is computed once per size and reused;
 - only the last decoder layer's predictions are computed (aux_loss off: nothing trains this copy);
@@ -30,6 +31,7 @@ from torch import nn
 
 from ddetr_cli.model.backbone import FrozenBatchNorm2d, ResNetBackbone
 from ddetr_cli.model.fused_resnet import fuse_resnet_blocks, pointwise_available
+from ddetr_cli.model.msda import MSDeformAttn
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -47,6 +49,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         cnn.body = ChannelsLast(cnn.body)
         cnn.body.to(memory_format=torch.channels_last)
         fused.input_proj.to(memory_format=torch.channels_last)
+    for module in fused.modules():
+        if isinstance(module, MSDeformAttn):
+            module.offsets_and_weights = _stacked(module.sampling_offsets, module.attention_weights)
     fused.backbone[1] = UnpaddedPositionCache(fused.backbone[1])
     encoder = fused.transformer.encoder
     encoder.get_reference_points = ReferencePointCache(encoder.get_reference_points)
@@ -75,6 +80,16 @@ def fold_frozen_batchnorms(module: nn.Module) -> int:
                 setattr(parent, bn_name, nn.Identity())
                 folded += 1
     return folded
+
+
+@torch.no_grad()
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer computing `linears` on the same input, outputs concatenated."""
+    weight = torch.cat([linear.weight for linear in linears])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    stacked.weight.copy_(weight)
+    stacked.bias.copy_(torch.cat([linear.bias for linear in linears]))
+    return stacked.requires_grad_(False)
 
 
 @torch.no_grad()
