@@ -7,6 +7,8 @@
   fused_resnet.py), on CPU;
 - on CPU, the ResNet and the input projections run in channels_last (NHWC) memory, the layout
   oneDNN's convolutions use natively, and which makes flattening the maps into tokens a view;
+- on CPU, the encoder's linear layers run as oneDNN ops with the feed-forward ReLU and residual add
+  fused in (fused_layers.py);
 - each deformable attention computes its sampling offsets and attention weights in one linear layer;
 - what depends on the input size only (position encodings of unpadded maps, the encoder's reference
   points) is computed once per size and reused;
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from ddetr_cli.model.backbone import FrozenBatchNorm2d, ResNetBackbone
+from ddetr_cli.model.fused_layers import FusedEncoderLayer
 from ddetr_cli.model.fused_resnet import fuse_resnet_blocks, pointwise_available
 from ddetr_cli.model.msda import MSDeformAttn
 
@@ -42,16 +45,21 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     fused.requires_grad_(False)
     cnn = fused.backbone[0]
     fold_frozen_batchnorms(cnn)
-    resnet_on_cpu = isinstance(cnn, ResNetBackbone) and next(fused.parameters()).device.type == "cpu"
-    if resnet_on_cpu and pointwise_available():
-        fuse_resnet_blocks(cnn.body)
-    if resnet_on_cpu:  # (fp32 convolutions on a GPU are not faster in NHWC)
+    on_cpu = next(fused.parameters()).device.type == "cpu"
+    onednn = on_cpu and pointwise_available()
+    if isinstance(cnn, ResNetBackbone) and on_cpu:  # (fp32 convolutions on a GPU gain nothing in NHWC)
+        if onednn:
+            fuse_resnet_blocks(cnn.body)
         cnn.body = ChannelsLast(cnn.body)
         cnn.body.to(memory_format=torch.channels_last)
         fused.input_proj.to(memory_format=torch.channels_last)
     for module in fused.modules():
         if isinstance(module, MSDeformAttn):
             module.offsets_and_weights = _stacked(module.sampling_offsets, module.attention_weights)
+    if onednn:
+        layers = fused.transformer.encoder.layers
+        for i, layer in enumerate(layers):
+            layers[i] = FusedEncoderLayer(layer)
     fused.backbone[1] = UnpaddedPositionCache(fused.backbone[1])
     encoder = fused.transformer.encoder
     encoder.get_reference_points = ReferencePointCache(encoder.get_reference_points)

@@ -1,10 +1,13 @@
-"""ResNet blocks as oneDNN convolutions with their ReLU and residual add fused in (CPU inference).
+"""ResNet blocks and encoder feed-forward layers as oneDNN ops with their ReLU and residual add fused
+in (CPU inference).
 
 After `fold_frozen_batchnorms` a torchvision block is conv -> ReLU -> conv (-> ReLU -> conv), then
 + identity and ReLU. oneDNN applies the ReLU and the addition as post-ops of the convolution that
 precedes them (`torch.ops.mkldnn._convolution_pointwise`, the kernels that torch.compile's CPU
 backend fuses into), so each block makes one pass per convolution and none for the element-wise ops.
-The results are those of the unfused convolutions: the same oneDNN kernels compute them.
+The results are those of the unfused convolutions: the same oneDNN kernels compute them. The encoder's
+linear layers likewise become `torch.ops.mkldnn._linear_pointwise` (bias, ReLU and residual add in the
+matrix product: no separate passes), which rounds like any other matrix product.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
 def pointwise_available() -> bool:
-    """True where torch has oneDNN's fused convolutions (x86 / ARM CPU builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """True where torch has oneDNN's fused convolutions and linear layers (x86 / ARM CPU builds)."""
+    mkldnn = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_convolution_pointwise")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
 
 
 def fuse_resnet_blocks(body: nn.Module) -> None:
@@ -91,3 +99,23 @@ class FusedBlock(nn.Module):
 def _norms(block: BasicBlock | Bottleneck) -> list[nn.Module]:
     norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
     return norms + ([] if block.downsample is None else [block.downsample[1]])
+
+
+class FusedLinear(nn.Module):
+    """`linear` followed by `post` ("relu" or "none"); or, with `other`, linear(x) + other."""
+
+    def __init__(self, linear: nn.Linear, post: str = "none"):
+        super().__init__()
+        self.linear = linear
+        self.post = post
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        ops, w, b = torch.ops.mkldnn._linear_pointwise, self.linear.weight, self.linear.bias
+        if not _can_fuse(x):
+            y = self.linear(x) if other is None else self.linear(x) + other
+            return torch.relu(y) if self.post == "relu" else y
+        if other is None:
+            return ops.default(x, w, b, self.post, [], "")
+        if self.post != "none":
+            raise ValueError("a residual add is fused without a ReLU")
+        return ops.binary(x, other, w, b, "add")
