@@ -1,11 +1,13 @@
 """Where inference time goes: ddetr and Hugging Face's `DeformableDetrForObjectDetection` under
 `torch.profiler` (CPU), on the same weights and input, forward + post-processing.
 
-    python benchmarks/profile_hf.py --imgsz 800x1066 --iters 2 [--top 15] [--markdown]
+    python benchmarks/profile_hf.py --imgsz 800x1066 --iters 2 [--top 15]
 
-Prints, per side, milliseconds per image by stage (backbone, input projections, encoder, decoder,
-heads, post-processing; the rest of the forward as "other") and the ops with the most self time.
-A random R50 plain Deformable DETR (91 classes), batch 1, fp32, torch's thread setting.
+Prints markdown: per side, milliseconds per image by stage (backbone with its position encoding,
+input projections, encoder, decoder, heads; "total" = forward + post-processing) and the ops with
+the most self time. The two sides' calls alternate inside one profiling session. ddetr runs its
+fused inference copy, as `ddetr bench` does. A random R50 plain Deformable DETR (91 classes),
+batch 1, fp32, torch's thread setting (2 threads on the 2-core box).
 """
 
 from __future__ import annotations
@@ -46,14 +48,14 @@ def hf_stages(twin) -> dict[str, list]:
 
 
 @contextlib.contextmanager
-def labelled(stages: dict[str, list]):
-    """Each stage module's forward inside a profiler range named `stage:<name>`."""
+def labelled(side: str, stages: dict[str, list]):
+    """Each stage module's forward inside a profiler range named `<side>:<stage>`."""
     handles, open_ranges = [], []
     for name, modules in stages.items():
         for module in modules:
 
             def enter(module, args, name=name):
-                scope = record_function(f"stage:{name}")
+                scope = record_function(f"{side}:{name}")
                 scope.__enter__()
                 open_ranges.append(scope)
 
@@ -69,22 +71,36 @@ def labelled(stages: dict[str, list]):
             handle.remove()
 
 
-def profile(detect, stages, images, mask, sizes, iters: int):
-    """(stage -> ms per call, forward + postprocess total ms per call, key_averages)."""
-    detect(images, mask, sizes)  # warm-up
-    with labelled(stages), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def profile(sides: dict, images, mask, sizes, iters: int) -> dict:
+    """Profile the sides' calls interleaved (a, b, a, b, ...: load on the machine hits both alike)
+    -> per side: stage -> ms per call (with "total"), and op name -> [self ms per call, calls per call]."""
+    for detect, _ in sides.values():
+        detect(images, mask, sizes)  # warm-up
+    with contextlib.ExitStack() as stack:
+        for side, (_, stages) in sides.items():
+            stack.enter_context(labelled(side, stages))
+        prof = stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
         for _ in range(iters):
-            with record_function("stage:total"):
-                detect(images, mask, sizes)
-    averages = prof.key_averages()
-    inclusive = {
-        e.key[len("stage:") :]: e.cpu_time_total / 1000 / iters
-        for e in averages
-        if e.key.startswith("stage:")
-    }
-    total = inclusive.pop("total")
-    # Post-processing is what follows the model call: total minus the stages and the rest of the forward.
-    return inclusive, total, averages
+            for side, (detect, _) in sides.items():
+                with record_function(f"{side}:total"):
+                    detect(images, mask, sizes)
+    results = {side: ({}, {}) for side in sides}
+    for event in prof.events():
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        side = root.name.split(":")[0]
+        if side not in results:
+            continue
+        stages, ops = results[side]
+        if event.name.startswith(f"{side}:"):
+            stage = event.name[len(side) + 1 :]
+            stages[stage] = stages.get(stage, 0.0) + event.cpu_time_total / 1000 / iters
+        else:
+            entry = ops.setdefault(event.name, [0.0, 0])
+            entry[0] += event.self_cpu_time_total / 1000 / iters
+            entry[1] += 1
+    return results
 
 
 def main() -> None:
@@ -105,23 +121,19 @@ def main() -> None:
         "ddetr": (ddetr_detector(fused), ddetr_stages(fused)),
         "hf": (HfDetector(twin), hf_stages(twin)),
     }
-    results = {name: profile(d, s, images, mask, sizes, args.iters) for name, (d, s) in sides.items()}
+    results = profile(sides, images, mask, sizes, args.iters)
     threads = torch.get_num_threads()
-    print(f"## {height}x{width}, batch 1, fp32, {threads} threads, {args.iters} profiled calls\n")
+    print(f"## {height}x{width}, batch 1, fp32, {threads} threads, {args.iters} profiled calls each\n")
     print("| stage | ddetr ms | hf ms | hf / ddetr |\n|---|---|---|---|")
     for stage in (*STAGES[:-1], "total"):
-        ours = results["ddetr"][1] if stage == "total" else results["ddetr"][0].get(stage, 0.0)
-        theirs = results["hf"][1] if stage == "total" else results["hf"][0].get(stage, 0.0)
+        ours, theirs = results["ddetr"][0].get(stage, 0.0), results["hf"][0].get(stage, 0.0)
         print(f"| {stage} | {ours:.0f} | {theirs:.0f} | {theirs / max(ours, 1e-9):.2f} |")
-    for name, (_, total, averages) in results.items():
+    for name, (stages, ops) in results.items():
+        total = stages["total"]
         print(f"\n### {name}: ops by self CPU time (ms per call, share of forward + postprocess)\n")
         print("| op | self ms | share | calls |\n|---|---|---|---|")
-        ops = sorted(
-            (e for e in averages if not e.key.startswith("stage:")), key=lambda e: -e.self_cpu_time_total
-        )
-        for e in ops[: args.top]:
-            ms = e.self_cpu_time_total / 1000 / args.iters
-            print(f"| `{e.key}` | {ms:.0f} | {100 * ms / total:.1f}% | {e.count // args.iters} |")
+        for op, (ms, count) in sorted(ops.items(), key=lambda item: -item[1][0])[: args.top]:
+            print(f"| `{op}` | {ms:.0f} | {100 * ms / total:.1f}% | {count // args.iters} |")
 
 
 if __name__ == "__main__":
