@@ -125,7 +125,7 @@ class TorchDetector:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), autocast(self.device, self.amp):
+            with torch.no_grad(), autocast(self.device, self.amp):
                 outputs = model(images, mask)
             return postprocess(outputs, orig_sizes, topk=topk)
         finally:
