@@ -93,7 +93,7 @@ def profile(sides: dict, images, mask, sizes, iters: int) -> dict:
         if side not in results:
             continue
         stages, ops = results[side]
-        if event.name.startswith(f"{side}:"):
+        if event.name.startswith(f"{side}:") and not event.name.startswith(f"{side}::"):  # not ddetr:: ops
             stage = event.name[len(side) + 1 :]
             stages[stage] = stages.get(stage, 0.0) + event.cpu_time_total / 1000 / iters
         else:
