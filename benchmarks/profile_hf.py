@@ -26,13 +26,18 @@ from ddetr_cli.model.fused import fuse_for_inference
 STAGES = ("backbone", "input_proj", "encoder", "decoder", "heads", "postprocess")
 
 
+def unique(modules: list) -> list:
+    """Each module once (the plain model repeats one head per decoder layer)."""
+    return list({id(m): m for m in modules}.values())
+
+
 def ddetr_stages(model) -> dict[str, list]:
     return {
         "backbone": [model.backbone],
         "input_proj": list(model.input_proj),
         "encoder": [model.transformer.encoder],
         "decoder": [model.transformer.decoder],
-        "heads": [model.class_embed[0], model.bbox_embed[0]],  # shared in the plain model
+        "heads": unique([*model.class_embed, *model.bbox_embed]),
     }
 
 
@@ -43,7 +48,7 @@ def hf_stages(twin) -> dict[str, list]:
         "input_proj": list(inner.input_proj),
         "encoder": [inner.encoder],
         "decoder": [inner.decoder],
-        "heads": [twin.class_embed[0], twin.bbox_embed[0]],
+        "heads": unique([*twin.class_embed, *twin.bbox_embed]),
     }
 
 
