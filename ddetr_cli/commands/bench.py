@@ -20,14 +20,16 @@ from ddetr_cli.engine.benchmark import bench
 from ddetr_cli.engine.settings import resolve_settings
 
 HELP = (
-    "Benchmark model inference: images/s, latency percentiles, per-stage breakdown, and the MSDA "
-    "backend against the PyTorch reference. Subcommands benchmark the op and the data loader."
+    "Benchmark model inference: images/s, latency percentiles, per-stage breakdown, the MSDA "
+    "backend against the PyTorch reference, and optionally Hugging Face transformers on the same "
+    "weights. Subcommands benchmark the op and the data loader."
 )
 EXAMPLES = [
     "ddetr bench --variant plain --imgsz 800x1333 --device cuda --json bench.json",
     "ddetr bench --weights runs/train/exp/weights/best.pt --device cpu --imgsz 320x480 --iters 20",
     "ddetr bench --variant two-stage --amp bf16 --batch-size 2",
     "ddetr bench --preset tiny --imgsz 192x224 --device cpu",
+    "ddetr bench --imgsz 800x1066 --device cpu --compare-hf --no-reference --iters 5",
 ]
 
 
@@ -61,6 +63,12 @@ def command(
         None, "--num-queries", help="Without --weights: object queries."
     ),
     no_reference: bool = typer.Option(False, "--no-reference", help="Skip the reference-backend comparison."),
+    compare_hf: bool = typer.Option(
+        False,
+        "--compare-hf",
+        help="Also time Hugging Face transformers' DeformableDetrForObjectDetection on the same weights "
+        "and input, interleaved with ddetr (needs transformers and timm).",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
 ) -> None:
     if ctx.invoked_subcommand is not None:
@@ -90,5 +98,6 @@ def command(
         iters=iters,
         backbone=backbone,
         compare_reference=not no_reference,
+        compare_hf=compare_hf,
         json_out=json_out,
     )

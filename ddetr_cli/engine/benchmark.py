@@ -4,7 +4,11 @@ reference, in one run.
 
 Python API:
     bench(weights=None, variant="plain", imgsz="800x1333", batch_size=1, device=None, amp="off",
-          warmup=3, iters=10, json_out="bench.json") -> report dict
+          warmup=3, iters=10, compare_hf=False, json_out="bench.json") -> report dict
+
+The model runs as inference does: its fused copy (ddetr_cli.model.fused). `compare_hf` adds Hugging
+Face transformers' DeformableDetrForObjectDetection on the same weights, timed interleaved with ours
+(ddetr_cli.engine.hf_compare).
 
 Timing: `warmup` untimed forward passes, then `iters` timed ones (forward + post-processing), with a
 CUDA synchronise before each clock read. The per-stage breakdown is a separate pass with forward
@@ -172,6 +176,7 @@ def bench(
     backbone: str = "resnet50",
     model_options: dict | None = None,
     compare_reference: bool = True,
+    compare_hf: bool = False,
     json_out: str | Path | None = None,
     show: bool = True,
 ) -> dict:
@@ -180,11 +185,19 @@ def bench(
 
     from ddetr_cli import ops
     from ddetr_cli.distributed import resolve_device
+    from ddetr_cli.model.fused import fuse_for_inference
 
     height, width = parse_imgsz(imgsz)
     if batch_size < 1 or warmup < 0 or iters < 1:
         raise UserError("--batch-size and --iters must be >= 1, --warmup >= 0")
     dev = resolve_device(device)
+    if compare_hf and (is_onnx(weights) or amp != "off"):
+        raise UserError("--compare-hf compares PyTorch models in fp32: drop --amp and .onnx weights")
+    if compare_hf:
+        from ddetr_cli.engine.hf_compare import compare_hf as compare
+        from ddetr_cli.engine.hf_compare import hf_twin, require_transformers
+
+        require_transformers()  # before anything is built
     if is_onnx(weights):
         report = bench_onnx(weights, dev, height, width, batch_size, warmup, iters)
         return _finish(report, json_out, show)
@@ -204,6 +217,8 @@ def bench(
         model = build_model(config).to(dev)
         source = f"random {variant} {backbone}"
     model.eval()
+    original, model = model, fuse_for_inference(model)
+    twin = hf_twin(original) if compare_hf else None  # (refused before any timing)
     config = model.config
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, height, width, generator=generator).to(dev)
@@ -230,8 +245,9 @@ def bench(
             else ("box-refine" if config.with_box_refine else "plain"),
             "backbone": config.backbone,
             "num_queries": config.num_queries,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for p in original.parameters()),
         },
+        "fused_for_inference": True,
         "device": str(dev),
         "device_name": device_name(dev),
         "torch": torch.__version__,
@@ -250,6 +266,9 @@ def bench(
         report["speedup_vs_reference"] = (
             backends["reference"]["latency_ms"]["mean"] / timing["latency_ms"]["mean"]
         )
+    if compare_hf:
+        info("Against Hugging Face transformers on the same weights (interleaved) ...")
+        report["hf_comparison"] = compare(original, images, mask, dev, warmup, iters, twin=twin)
     return _finish(report, json_out, show)
 
 
@@ -331,3 +350,23 @@ def _print_report(report: dict) -> None:
         console.print(
             f"MSDA {report['msda_backend']} vs reference: {report['speedup_vs_reference']:.2f}x end to end"
         )
+    if "hf_comparison" in report:
+        _print_hf(report["hf_comparison"])
+
+
+def _print_hf(hf: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"ddetr vs transformers {hf['transformers']} (interleaved)", header_style="bold")
+    for col in ("model", "images/s", "mean ms", "p50 ms"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name, label in (("ddetr", "ddetr (fused)"), ("hf", "DeformableDetrForObjectDetection")):
+        lat = hf[name]["latency_ms"]
+        table.add_row(label, f"{hf[name]['images_per_s']:.2f}", f"{lat['mean']:.1f}", f"{lat['p50']:.1f}")
+    console.print(table)
+    det = hf["detections"]
+    console.print(
+        f"ddetr vs Hugging Face: {hf['speedup']:.2f}x (median latencies); same detections: scores within "
+        f"{det['max_score_diff']:.1e}, boxes within {det['max_box_diff_px']:.1e} px, "
+        f"{det['unmatched']} unmatched"
+    )

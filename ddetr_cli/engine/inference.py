@@ -85,14 +85,17 @@ def load_weights(weights: str | Path, device, num_classes: int | None = None):
 
 
 def load_detector(weights: str | Path, device, amp: str = "off"):
-    """A ddetr .pt, official .pth, HF folder or Hub id -> TorchDetector; a .onnx file -> OnnxDetector."""
+    """A ddetr .pt, official .pth, HF folder or Hub id -> TorchDetector of its fused inference copy
+    (ddetr_cli.model.fused: same outputs to float rounding, faster); a .onnx file -> OnnxDetector."""
     if is_onnx(weights):
         if not Path(weights).is_file():
             raise UserError(f"--weights: no such file: {weights}")
         from ddetr_cli.engine.onnx_detector import OnnxDetector
 
         return OnnxDetector(weights, device=device)
-    return TorchDetector(load_weights(weights, device), device, amp)
+    from ddetr_cli.model.fused import fuse_for_inference
+
+    return TorchDetector(fuse_for_inference(load_weights(weights, device)), device, amp)
 
 
 def unwrap(model):

@@ -49,7 +49,8 @@ class DeformableDecoderLayer(nn.Module):
         )
         tgt = self.norm1(tgt + self.dropout1(attended))
 
-        hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        # In place: the linear layer does not keep its output for backward (one buffer less per layer).
+        hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(hidden))
 
 

@@ -25,7 +25,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
+            x = F.relu(layer(x), inplace=True)
         return self.layers[-1](x)
 
 
@@ -134,7 +134,9 @@ class DeformableDETR(nn.Module):
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs, masks, pos, query_embed
         )
-        logits, boxes = self._predict(hs, init_reference, inter_references)
+        # Without aux_loss only the last layer's predictions are returned: compute those alone.
+        layers = range(hs.shape[0]) if self.aux_loss else [hs.shape[0] - 1]
+        logits, boxes = self._predict(hs, init_reference, inter_references, layers)
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
@@ -159,11 +161,11 @@ class DeformableDETR(nn.Module):
             pos.append(self.backbone[1](level_mask).to(src.dtype))
         return srcs, masks, pos
 
-    def _predict(self, hs, init_reference, inter_references):
-        """Per decoder layer: logits [L, B, Q, C] and boxes [L, B, Q, 4], the box head's output
-        added to the layer's reference point (or box) in inverse-sigmoid space."""
+    def _predict(self, hs, init_reference, inter_references, layers):
+        """For the decoder `layers`: logits [len(layers), B, Q, C] and boxes [len(layers), B, Q, 4],
+        the box head's output added to the layer's reference point (or box) in inverse-sigmoid space."""
         logits, boxes = [], []
-        for lvl in range(hs.shape[0]):
+        for lvl in layers:
             reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
             delta = self.bbox_embed[lvl](hs[lvl])
             if reference.shape[-1] == 4:

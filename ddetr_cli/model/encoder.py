@@ -40,7 +40,8 @@ class DeformableEncoderLayer(nn.Module):
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attended))
-        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        # In place: the linear layer does not keep its output for backward (one buffer less per layer).
+        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(hidden))
 
 

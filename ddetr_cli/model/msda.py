@@ -30,6 +30,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        # Inference copies (ddetr_cli.model.fused) set one linear computing both of the above.
+        self.offsets_and_weights: nn.Linear | None = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -78,8 +80,13 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(B, S, M, self.d_model // M)
 
-        offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)
-        weights = self.attention_weights(query).view(B, Q, M, L * K)
+        if self.offsets_and_weights is None:
+            offsets = self.sampling_offsets(query).view(B, Q, M, L, K, 2)
+            weights = self.attention_weights(query).view(B, Q, M, L * K)
+        else:
+            both = self.offsets_and_weights(query)
+            offsets = both[..., : M * L * K * 2].unflatten(-1, (M, L, K, 2))
+            weights = both[..., M * L * K * 2 :].unflatten(-1, (M, L * K))
         weights = F.softmax(weights, -1).view(B, Q, M, L, K)
 
         if reference_points.shape[-1] == 2:

@@ -89,9 +89,13 @@ class DeformableTransformer(nn.Module):
         src_flatten, mask_flatten, pos_flatten, spatial_shapes = self._flatten(srcs, masks, pos_embeds)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+        # Without padding, masking the attention values changes nothing: skip those passes (not
+        # while tracing or compiling, where the graph must not depend on the mask's values).
+        graph = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        padding_mask = mask_flatten if graph or mask_flatten.any() else None
 
         memory = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, padding_mask
         )
 
         enc_class = enc_coord_unact = None
@@ -114,7 +118,7 @@ class DeformableTransformer(nn.Module):
             level_start_index,
             valid_ratios,
             query_pos,
-            mask_flatten,
+            padding_mask,
         )
         return hs, reference_points, inter_references, enc_class, enc_coord_unact
 
