@@ -61,7 +61,11 @@ _KERNEL_HEADERS = {  # beyond _HEADERS
 # (~1.5x on the forward). The CPU's feature flags are part of the build's fingerprint, so a cache
 # shared by different machines (a home directory on NFS) keeps one build per kind of CPU.
 _NATIVE = platform.machine().lower() in ("x86_64", "amd64")
-_CFLAGS = ["-O3", "-march=native"] if _NATIVE else ["-O3"]
+# -fopenmp: ATen's parallel_for is an inline template that runs its loop serially unless the
+# extension itself is compiled with OpenMP (_OPENMP defined); linked with it, the extension shares
+# the libgomp.so.1 that torch has already loaded (same soname), so one thread pool serves both.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+_CFLAGS = (["-O3", "-march=native"] if _NATIVE else ["-O3"]) + _OPENMP
 _CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 # The emulation is checked, not timed: -O1 keeps its compile short.
 _EMULATION_CFLAGS = ["-O1"]
@@ -191,6 +195,7 @@ def build(variant: str, verbose: bool = False) -> Path:
             sources=[str(src / n) for n in _SOURCES[variant]],
             extra_cflags=_cflags(variant),
             extra_cuda_cflags=_CUDA_CFLAGS,
+            extra_ldflags=_OPENMP,
             extra_include_paths=[str(src)],
             build_directory=str(out),
             is_python_module=False,
