@@ -12,9 +12,7 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models._utils import IntermediateLayerGetter
 
 from ddetr_cli.model.config import RESNETS, DeformableDetrConfig
 from ddetr_cli.model.position_encoding import PositionEmbeddingSine
@@ -67,6 +65,11 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str, train_backbone: bool, multi_scale: bool, dilation: bool, frozen_bn: bool):
         super().__init__()
+        # Imported here: torchvision (and the torch._dynamo/sympy it pulls in) adds seconds to every
+        # command's start, and the tiny demo backbone does not need it.
+        import torchvision
+        from torchvision.models._utils import IntermediateLayerGetter
+
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
