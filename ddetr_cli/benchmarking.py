@@ -41,6 +41,21 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def latency_summary(latencies: list[float], batch_size: int) -> dict:
+    """Call latencies (ms) of `batch_size` images each -> images/s and mean/p50/p90/p99/min/max ms."""
+    ordered = sorted(latencies)
+    mean = statistics.fmean(latencies)
+    return {
+        "images_per_s": batch_size * 1000 / mean,
+        "latency_ms": {
+            "mean": mean,
+            **{f"p{q}": percentile(ordered, q) for q in (50, 90, 99)},
+            "min": ordered[0],
+            "max": ordered[-1],
+        },
+    }
+
+
 def cpuinfo(field: str) -> str | None:
     """The first `field` ("model name", "flags", ...) of /proc/cpuinfo, or None where there is none."""
     try:

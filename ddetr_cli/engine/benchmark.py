@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import time
 from pathlib import Path
 
-from ddetr_cli.benchmarking import device_name, percentile, synchronize
+from ddetr_cli.benchmarking import device_name, latency_summary, synchronize
 from ddetr_cli.console import UserError, console, info, warn
 from ddetr_cli.engine.inference import is_onnx, parse_imgsz
 from ddetr_cli.engine.settings import variant_config
@@ -75,19 +74,7 @@ def time_calls(run, batch_size: int, device, warmup: int, iters: int) -> dict:
         synchronize(device)
         if i >= warmup:
             latencies.append((time.perf_counter() - start) * 1000)
-    ordered = sorted(latencies)
-    mean = statistics.fmean(latencies)
-    return {
-        "images_per_s": batch_size * 1000 / mean,
-        "latency_ms": {
-            "mean": mean,
-            "p50": percentile(ordered, 50),
-            "p90": percentile(ordered, 90),
-            "p99": percentile(ordered, 99),
-            "min": ordered[0],
-            "max": ordered[-1],
-        },
-    }
+    return latency_summary(latencies, batch_size)
 
 
 def stage_modules(model) -> dict[str, list]:

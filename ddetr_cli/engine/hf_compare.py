@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from ddetr_cli.benchmarking import percentile, synchronize
+from ddetr_cli.benchmarking import latency_summary, synchronize
 from ddetr_cli.console import UserError
 
 
@@ -124,20 +124,6 @@ def interleaved_latencies(runs: dict, device, warmup: int, iters: int) -> dict[s
             synchronize(device)
             latencies[name].append((time.perf_counter() - start) * 1000)
     return latencies
-
-
-def latency_summary(latencies: list[float], batch_size: int) -> dict:
-    ordered = sorted(latencies)
-    mean = statistics.fmean(latencies)
-    return {
-        "images_per_s": batch_size * 1000 / mean,
-        "latency_ms": {
-            "mean": mean,
-            "p50": percentile(ordered, 50),
-            "min": ordered[0],
-            "max": ordered[-1],
-        },
-    }
 
 
 def compare_hf(
