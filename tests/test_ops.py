@@ -17,6 +17,7 @@ from ddetr_cli import ops, ops_build
 from ddetr_cli.console import UserError
 from ddetr_cli.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_cli.ops_inputs import ENCODER_LEVELS, OpShape, make_inputs, standard_shapes
+from ddetr_cli.threads import intra_op_threads
 
 SMALL = OpShape("small", ((6, 7), (3, 4), (1, 1)), queries=5, batch=2, heads=2, channels=3, points=2)
 
@@ -64,12 +65,8 @@ def test_channel_counts_and_thread_splits(channels, threads):
     backward's heads split over 1 or 3 threads (a thread's range then starts mid-batch)."""
     shape = OpShape("d", ((9, 11), (5, 6), (3, 3)), queries=37, batch=3, heads=4, channels=channels, points=3)
     inputs = make_inputs(shape, torch.float32, seed=channels)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         actual = outputs_and_grads(kernel, inputs)
-    finally:
-        torch.set_num_threads(before)
     assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
 
 
@@ -88,12 +85,8 @@ def test_both_paths_channel_counts_and_thread_splits(base, channels, threads):
     rows) and 12 (any D), with the tasks split over 1 or 3 threads (mid-batch, mid-head)."""
     shape = OpShape(base.name, base.levels, base.queries, base.batch, base.heads, channels, base.points)
     inputs = make_inputs(shape, torch.float32, seed=channels, margin=0.3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         actual = outputs_and_grads(kernel, inputs)
-    finally:
-        torch.set_num_threads(before)
     assert_match(actual, outputs_and_grads(ms_deform_attn_reference, inputs))
 
 

@@ -95,14 +95,10 @@ def run_demo(
         return _run_demo(*args)
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    import torch
+    from ddetr_cli.threads import intra_op_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         return _run_demo(*args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_demo(out: Path, data_spec: dict, epochs: int, seed, device, workers, show) -> DemoResult:

@@ -35,6 +35,7 @@ from ddetr_cli.model.backbone import FrozenBatchNorm2d, ResNetBackbone
 from ddetr_cli.model.fused_layers import FusedEncoderLayer
 from ddetr_cli.model.fused_resnet import fuse_resnet_blocks, pointwise_available
 from ddetr_cli.model.msda import MSDeformAttn
+from ddetr_cli.threads import intra_op_threads
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -172,13 +173,11 @@ def on_one_thread(forward):
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        outer = torch.get_num_threads()
-        _outer_threads.append(outer)
-        torch.set_num_threads(1)
+        _outer_threads.append(torch.get_num_threads())
         try:
-            return forward(*args, **kwargs)
+            with intra_op_threads(1):
+                return forward(*args, **kwargs)
         finally:
-            torch.set_num_threads(outer)
             _outer_threads.pop()
 
     return run
@@ -194,9 +193,5 @@ class AllThreads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _outer_threads:
             return self.module(x)
-        inner = torch.get_num_threads()
-        torch.set_num_threads(_outer_threads[-1])
-        try:
+        with intra_op_threads(_outer_threads[-1]):
             return self.module(x)
-        finally:
-            torch.set_num_threads(inner)
