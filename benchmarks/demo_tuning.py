@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -171,6 +172,9 @@ def main():
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--lr-drop", type=int, default=None, help="epoch of the 10x lr drop")
     p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument(
+        "--schedule", choices=("step", "cosine"), default="step", help="cosine: lr to 0 at the end, no drop"
+    )
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -182,6 +186,11 @@ def main():
         "--set", action="append", default=[], help="model config override key=value (python literal)"
     )
     p.add_argument("--tag", default="")
+    p.add_argument(
+        "--extra-val",
+        default=None,
+        help="also score the final model on DIR/val (an independent val split; 100 images are noisy)",
+    )
     args = p.parse_args()
 
     import ast
@@ -280,6 +289,7 @@ def main():
         weight_decay=tr["weight_decay"],
     )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = args.num_train // tr["batch_size"]  # drop_last, as the training loader
 
     before = evaluate(model, val_batches(), cat_ids, val_coco) if args.eval_every < 0 else None
     history, evals = [], []
@@ -289,7 +299,11 @@ def main():
     for epoch in range(tr["epochs"]):
         total, count = 0.0, 0
         for images, mask, targets in train_batches(epoch):
-            factor = 0.1 ** (epoch // tr["lr_drop"])
+            if args.schedule == "cosine":
+                total_iters = tr["epochs"] * steps_per_epoch
+                factor = 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters))
+            else:
+                factor = 0.1 ** (epoch // tr["lr_drop"])
             if args.warmup_iters and it < args.warmup_iters:
                 factor *= (it + 1) / args.warmup_iters
             for g, base in zip(optimizer.param_groups, base_lrs):
@@ -324,6 +338,13 @@ def main():
     ev_t = time.perf_counter()
     final = evaluate(model, val_batches(), cat_ids, val_coco)
     eval_time = time.perf_counter() - ev_t
+    extra = None
+    if args.extra_val and args.loader == "real":
+        root = Path(args.extra_val)
+        with open(root / "annotations" / "instances_val.json") as f:
+            extra_coco = json.load(f)
+        extra_loader = CocoLoader(root / "val", root / "annotations" / "instances_val.json", False, 16, **kw)
+        extra = evaluate(model, iter(extra_loader), cat_ids, extra_coco)
     print(
         json.dumps(
             {
@@ -341,6 +362,7 @@ def main():
                 "evals": evals,
                 "before": before,
                 "final": final,
+                "extra_val": extra,
             }
         ),
         flush=True,

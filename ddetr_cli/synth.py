@@ -63,6 +63,7 @@ def make_synthetic_coco(
     image_size: ImageSize = (160, 224),
     seed: int = 0,
     objects_per_image: tuple[int, int] = (2, 6),
+    train_objects_per_image: tuple[int, int] | None = None,
     size_mix: tuple[float, float, float] = (0.35, 0.40, 0.25),
     max_overlap: float = 0.3,
     clutter: float = 1.0,
@@ -73,6 +74,9 @@ def make_synthetic_coco(
     image_size: an int (every image is square of that side) or a (lo, hi) pair (height and width
         are each drawn uniformly from [lo, hi]).
     objects_per_image: inclusive (min, max) number of shapes per image (fewer when they do not fit).
+    train_objects_per_image: the same for the train split only (None: `objects_per_image`). Denser
+        training images give more supervision per pixel, the cost of a training step; the val split
+        (each image drawn from its own random stream) is the same whatever this is.
     size_mix: probabilities of drawing a small, medium or large object (large ones are only drawn
         when the image can hold them).
     max_overlap: the largest fraction of an object's box that other boxes may cover.
@@ -82,24 +86,21 @@ def make_synthetic_coco(
     lo, hi = _size_range(image_size)
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got num_train={num_train}, num_val={num_val}")
-    if objects_per_image[0] < 0 or objects_per_image[1] < objects_per_image[0]:
-        raise ValueError(
-            f"objects_per_image must be (min, max) with 0 <= min <= max, got {objects_per_image}"
-        )
+    train_objects = objects_per_image if train_objects_per_image is None else train_objects_per_image
+    for name, value in (("objects_per_image", objects_per_image), ("train_objects_per_image", train_objects)):
+        if value[0] < 0 or value[1] < value[0]:
+            raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {value}")
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     first_val_id = max(1001, num_train + 1)
-    for split_index, (split, count, first_id) in enumerate(
-        (("train", num_train, 1), ("val", num_val, first_val_id))
-    ):
+    splits = (("train", num_train, 1, train_objects), ("val", num_val, first_val_id, objects_per_image))
+    for split_index, (split, count, first_id, objects_range) in enumerate(splits):
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
             height, width = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-            image, objects = _render_image(
-                rng, height, width, objects_per_image, size_mix, max_overlap, clutter
-            )
+            image, objects = _render_image(rng, height, width, objects_range, size_mix, max_overlap, clutter)
             image_id = first_id + i
             file_name = f"{image_id:012d}.jpg"
             if not cv2.imwrite(str(split_dir / file_name), image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):

@@ -142,6 +142,17 @@ def test_objects_overlap_sometimes(tmp_path):
     assert overlaps > 0
 
 
+def test_denser_train_split_leaves_the_val_split_unchanged(tmp_path):
+    plain = make_synthetic_coco(tmp_path / "plain", 12, 4, 160, seed=3)
+    dense = make_synthetic_coco(tmp_path / "dense", 12, 4, 160, seed=3, train_objects_per_image=(6, 9))
+    assert _load(plain, "val") == _load(dense, "val")
+    for name in sorted(p.name for p in (plain / "val").iterdir()):
+        assert (plain / "val" / name).read_bytes() == (dense / "val" / name).read_bytes()
+    per_image = np.bincount([a["image_id"] for a in _load(dense, "train")["annotations"]])[1:]
+    plain_count = len(_load(plain, "train")["annotations"])
+    assert per_image.sum() > 1.3 * plain_count, (per_image, plain_count)
+
+
 def test_fixed_int_image_size_gives_square_images(tmp_path):
     root = make_synthetic_coco(tmp_path / "sq", 2, 1, 64)
     for split in ("train", "val"):
@@ -155,6 +166,7 @@ def test_fixed_int_image_size_gives_square_images(tmp_path):
         ({"image_size": (64, 96, 128)}, "pair"),
         ({"num_train": -1}, ">= 0"),
         ({"objects_per_image": (3, 1)}, "objects_per_image"),
+        ({"train_objects_per_image": (-1, 4)}, "train_objects_per_image"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(tmp_path, kwargs, message):
