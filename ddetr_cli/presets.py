@@ -17,12 +17,14 @@ found, in the order it was found:
   10 epochs; the step's cost is its pixels, so more objects per image is more supervision for free;
 - one encoder and four decoder layers instead of two and two: the same AP for 10% less time (the
   encoder runs on every pixel, the decoder on 100 queries);
-- at 15 epochs: sampling offsets learning at the full lr (0.56 -> 0.58), the classification loss
-  weighted 4 instead of 2 (-> 0.60), 8..16 objects asked for (-> 0.63), lr 1.5e-3 (-> 0.66).
+- at 15 epochs (the preset runs 14 to keep the demo under 5 minutes): sampling offsets learning
+  at the full lr (AP50 0.56 -> 0.58), the classification loss weighted 4 instead of 2 (-> 0.60),
+  8..16 objects asked for (-> 0.63), lr 1.5e-3 (-> 0.66), the matching's class cost 4 as well
+  (-> 0.70; on an independent 300-image val split 0.59 -> 0.63 -> 0.68 for the last three).
 Tried and not kept: BatchNorm or residual blocks in the tiny CNN, a cosine schedule, lr drop at 2/3,
 300 queries, six decoder layers, 8 heads (+0.01 AP50 for 16% more time), images 1.25x larger at
-equal time, an IoU-aware (varifocal) classification loss; and on branch `demo-dn`, denoising
-queries, one-to-many matching and encoder-feature query content.
+equal time, 12..20 objects asked for, an IoU-aware (varifocal) classification loss; and on branch
+`demo-dn`, denoising queries, one-to-many matching and encoder-feature query content.
 
 Each preset is a dict with
     "model": overrides of `DeformableDetrConfig` fields (num_classes etc. come from the data);
@@ -53,18 +55,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "two_stage": True,
             "aux_loss": True,
             # Classification is what lags on a from-scratch CNN (class error ~45% after 10 epochs while
-            # the boxes are fair): its loss weighs twice the paper's 2 (matching costs unchanged).
+            # the boxes are fair): its loss and its matching cost weigh twice the paper's 2.
             "cls_loss_coef": 4.0,
+            "set_cost_class": 4.0,
         },
         "train": {
-            "epochs": 15,
+            "epochs": 14,
             "batch_size": 8,
             "lr": 1.5e-3,
             "lr_backbone": 1.5e-3,  # the tiny CNN learns from scratch: no reason to hold it back
             # Nor the sampling offsets and reference points: nothing pretrained to protect (paper: 0.1).
             "lr_linear_proj_mult": 1.0,
             "weight_decay": 1e-4,
-            "lr_drop": 12,
+            "lr_drop": 11,
             "clip_max_norm": 0.1,
             # Shorter sides 0.8..1.0 of the evaluation size and no random crops: for a 20-epoch run
             # on 600 images the paper's wide jitter (480..800 = 0.6..1.0) and crops cost more than
